@@ -1,0 +1,3 @@
+from kshipra.cli import main
+
+main()

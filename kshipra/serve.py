@@ -1,0 +1,48 @@
+"""Run aiohttp applications on uvloop until SIGINT/SIGTERM, then shut them down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+import uvloop
+from aiohttp import web
+
+
+async def serve_apps(
+    sites: Sequence[tuple[web.Application, str, int]],
+    *,
+    on_ready: Callable[[list[str]], Awaitable[None]] | None = None,
+) -> None:
+    """Serve each ``(app, host, port)``; call *on_ready* with their base URLs; stop on a
+    signal."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runners: list[web.AppRunner] = []
+    urls: list[str] = []
+    try:
+        for app, host, port in sites:
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
+            runners.append(runner)
+            site = web.TCPSite(runner, host, port, backlog=1024)
+            await site.start()
+            bound_host, bound_port = runner.addresses[0][:2]
+            urls.append(f"http://{bound_host}:{bound_port}")
+        if on_ready is not None:
+            await on_ready(urls)
+        await stop.wait()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine to completion on uvloop."""
+    uvloop.run(main)

@@ -1,0 +1,515 @@
+"""The origin's HTTP service: ``create_app(config)`` → an aiohttp application.
+
+Routes:
+
+* ``GET /healthz`` (process alive), ``GET /readyz`` (storage and Redis reachable);
+* ``/v1/…`` — the content team's API (bearer token ``KSHIPRA_UPLOAD_TOKEN``): uploads, resumable
+  upload sessions, the asset catalogue;
+* ``GET|HEAD /content/{kind}s/{id}/v{n}/{name}`` and ``…/{id}/latest.{ext}`` — what edges fetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from cdn_config import KshipraConfig
+from origin.blobstore import BlobStore, StorageError, open_blob_store
+from origin.blobstore.local import LocalDirBlobStore
+from origin.catalogue import (
+    Catalogue,
+    Manifest,
+    Rendition,
+    asset_id_from_filename,
+    asset_urls,
+    validate_asset_id,
+)
+from origin.delivery import (
+    ByteSpan,
+    CachePolicy,
+    RuleMatcher,
+    Unsatisfiable,
+    cache_headers,
+    evaluate_preconditions,
+    format_http_date,
+    select_range,
+)
+from origin.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    OriginError,
+    Unauthorized,
+)
+from origin.ingest import Ingest, PublishResult, check_kind, check_tags, session_view
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", KshipraConfig)
+STORE = web.AppKey("store", BlobStore)
+REDIS = web.AppKey("redis", aioredis.Redis)
+CATALOGUE = web.AppKey("catalogue", Catalogue)
+INGEST = web.AppKey("ingest", Ingest)
+RULES = web.AppKey("rules", RuleMatcher)
+
+STREAM_CHUNK_BYTES = 256 * 1024
+SMALL_BODY_BYTES = 64 * 1024
+STAGING_SWEEP_AGE_S = 24 * 3600
+_CONTENT_RE = re.compile(
+    r"^/content/(?P<kind>lecture|image|bundle)s/(?P<id>[^/]+)/"
+    r"(?:v(?P<version>[1-9][0-9]{0,8})/(?P<name>[A-Za-z0-9._-]+)|latest\.(?P<ext>[a-z0-9]+))$"
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_body(status: int, code: str, message: str, **details: object) -> dict[str, Any]:
+    return {"error": {"status": status, "code": code, "message": message, **details}}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One place maps exceptions to JSON answers."""
+    try:
+        return await handler(request)
+    except OriginError as exc:
+        if exc.status >= 500:
+            log.warning("%s %s: %s", request.method, request.path, exc.message)
+        body = error_body(exc.status, exc.code, exc.message, **exc.details)
+        headers = getattr(exc, "headers", None)
+        return web.json_response(body, status=exc.status, headers=headers)
+    except StorageError as exc:
+        log.exception("storage failed on %s %s", request.method, request.path)
+        return web.json_response(
+            error_body(503, "storage_unavailable", f"storage failed: {exc}"), status=503
+        )
+    except aioredis.RedisError as exc:
+        log.exception("redis failed on %s %s", request.method, request.path)
+        return web.json_response(
+            error_body(503, "redis_unavailable", f"redis failed: {exc}"), status=503
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response(
+            error_body(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason),
+            status=exc.status,
+            headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
+        )
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The content team's API needs ``Authorization: Bearer $KSHIPRA_UPLOAD_TOKEN``."""
+    if request.path.startswith("/v1/"):
+        expected = request.app[CONFIG].secrets.upload_token
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header or scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized(
+                "missing_token", "send 'Authorization: Bearer <KSHIPRA_UPLOAD_TOKEN>'"
+            )
+        if expected is None or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+            raise Forbidden("wrong_token", "the upload token is not valid")
+    return await handler(request)
+
+
+# ---- health ---------------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks: dict[str, str] = {}
+    try:
+        await request.app[STORE].check()
+        checks["storage"] = "ok"
+    except StorageError as exc:
+        checks["storage"] = f"failed: {exc}"
+    try:
+        await request.app[REDIS].ping()
+        checks["redis"] = "ok"
+    except (aioredis.RedisError, OSError) as exc:
+        checks["redis"] = f"failed: {exc}"
+    ready = all(value == "ok" for value in checks.values())
+    return web.json_response(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status=200 if ready else 503,
+    )
+
+
+# ---- the content team's API -----------------------------------------------------------------
+
+
+def _base_url(request: web.Request) -> str:
+    configured = request.app[CONFIG].origin.public_url
+    return configured.rstrip("/") if configured else str(request.url.origin())
+
+
+def asset_view(manifest: Manifest, base_url: str) -> dict[str, Any]:
+    current = manifest.current
+    return {
+        "id": manifest.id,
+        "kind": manifest.kind,
+        "status": manifest.status,
+        "status_reason": manifest.status_reason,
+        "tags": [manifest.cache_tag, *manifest.tags],
+        "version": current.version,
+        "versions": [v.version for v in manifest.versions],
+        "content_hash": current.source.content_hash,
+        "size_bytes": current.source.size_bytes,
+        "format": current.source.format,
+        "created_at": manifest.created_at.isoformat(),
+        "updated_at": manifest.updated_at.isoformat(),
+        "urls": asset_urls(manifest, base_url),
+    }
+
+
+def _publish_response(request: web.Request, result: PublishResult) -> web.Response:
+    body = {"created": result.created, "asset": asset_view(result.manifest, _base_url(request))}
+    return web.json_response(body, status=201 if result.created else 200)
+
+
+def _asset_id_for(asset_id: str | None, filename: str | None) -> str:
+    if asset_id:
+        return validate_asset_id(asset_id)
+    if filename:
+        return validate_asset_id(asset_id_from_filename(filename))
+    raise BadRequest("missing_id", "give the asset an id (?id=…) or a filename (?filename=…)")
+
+
+async def _request_chunks(request: web.Request) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_chunked(STREAM_CHUNK_BYTES):
+        yield chunk
+
+
+async def upload_asset(request: web.Request) -> web.Response:
+    """``POST /v1/assets?kind=&id=&filename=&tag=…`` with the file as the raw body."""
+    query = request.query
+    filename = query.get("filename")
+    result = await request.app[INGEST].upload_stream(
+        _request_chunks(request),
+        kind=check_kind(query.get("kind")),
+        asset_id=_asset_id_for(query.get("id"), filename),
+        filename=filename,
+        tags=check_tags(query.getall("tag", [])),
+        declared_bytes=request.content_length,
+    )
+    return _publish_response(request, result)
+
+
+async def list_assets(request: web.Request) -> web.Response:
+    catalogue = request.app[CATALOGUE]
+    base_url = _base_url(request)
+    kind = request.query.get("kind")
+    assets = []
+    for asset_id in await catalogue.list_ids():
+        manifest = await catalogue.get(asset_id)
+        if manifest is not None and (kind is None or manifest.kind == kind):
+            assets.append(asset_view(manifest, base_url))
+    return web.json_response({"assets": assets})
+
+
+async def show_asset(request: web.Request) -> web.Response:
+    asset_id = validate_asset_id(request.match_info["asset_id"])
+    manifest = await request.app[CATALOGUE].get(asset_id, fresh=True)
+    if manifest is None:
+        raise NotFound("unknown_asset", f"no asset {asset_id!r}")
+    view = asset_view(manifest, _base_url(request))
+    view["manifest"] = manifest.model_dump(mode="json")
+    return web.json_response(view)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if (request.content_length or 0) > 64 * 1024:
+        raise BadRequest("body_too_large", "a JSON request body may be at most 64 KiB")
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest("invalid_json", "the request body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise BadRequest("invalid_json", "the request body must be a JSON object")
+    return body
+
+
+def _field(body: dict[str, Any], name: str, kind: type, *, required: bool = False) -> Any:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise BadRequest("missing_field", f"{name!r} is required")
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BadRequest("invalid_field", f"{name!r} must be a {kind.__name__}")
+    return value
+
+
+async def create_upload(request: web.Request) -> web.Response:
+    """``POST /v1/uploads`` ``{"size_bytes", "content_hash", "kind"?, "id"?, "filename"?,
+    "tags"?}`` → a session to send parts to, or the asset when no bytes need sending."""
+    body = await _json_body(request)
+    filename = _field(body, "filename", str)
+    tags = _field(body, "tags", list) or []
+    if not all(isinstance(tag, str) for tag in tags):
+        raise BadRequest("invalid_field", "'tags' must be a list of strings")
+    session, result, received = await request.app[INGEST].create_session(
+        kind=check_kind(_field(body, "kind", str)),
+        asset_id=_asset_id_for(_field(body, "id", str), filename),
+        filename=filename,
+        tags=check_tags(tags),
+        size_bytes=_field(body, "size_bytes", int, required=True),
+        content_hash=_field(body, "content_hash", str, required=True),
+    )
+    if result is not None:
+        return _publish_response(request, result)
+    assert session is not None
+    return web.json_response(
+        {"upload": session_view(session, received)}, status=200 if received else 201
+    )
+
+
+async def show_upload(request: web.Request) -> web.Response:
+    session, received = await request.app[INGEST].session(request.match_info["upload_id"])
+    return web.json_response({"upload": session_view(session, received)})
+
+
+async def put_part(request: web.Request) -> web.Response:
+    number_text = request.match_info["number"]
+    if not number_text.isdigit() or len(number_text) > 6:
+        raise BadRequest("invalid_part", "part numbers are positive integers")
+    session, size = await request.app[INGEST].put_part(
+        request.match_info["upload_id"], int(number_text), _request_chunks(request)
+    )
+    return web.json_response(
+        {"upload_id": session.upload_id, "part": int(number_text), "size_bytes": size}
+    )
+
+
+async def complete_upload(request: web.Request) -> web.Response:
+    result = await request.app[INGEST].complete(request.match_info["upload_id"])
+    return _publish_response(request, result)
+
+
+async def abort_upload(request: web.Request) -> web.Response:
+    await request.app[INGEST].abort(request.match_info["upload_id"])
+    return web.json_response({"aborted": True})
+
+
+# ---- the content read API for edges -----------------------------------------------------------
+
+
+def _rules_from_config(config: KshipraConfig) -> RuleMatcher:
+    return RuleMatcher(
+        [
+            (
+                rule.pattern,
+                CachePolicy(
+                    edge_ttl_s=rule.edge_ttl_s,
+                    browser_ttl_s=rule.browser_ttl_s,
+                    stale_while_revalidate_s=rule.stale_while_revalidate_s,
+                    stale_if_error_s=rule.stale_if_error_s,
+                    compress=rule.compress,
+                    tags=rule.tags,
+                ),
+            )
+            for rule in config.cache_rules
+        ]
+    )
+
+
+async def _resolve(request: web.Request) -> tuple[Manifest, Rendition, int, bool]:
+    """URL → (manifest, rendition, version, immutable) or 404."""
+    match = _CONTENT_RE.match(request.path)
+    if match is None:
+        raise NotFound("not_found", f"nothing is published at {request.path}")
+    asset_id = match["id"]
+    if asset_id not in (None, "") and not re.match(r"^[a-z0-9][a-z0-9._-]{0,99}$", asset_id):
+        raise NotFound("not_found", f"nothing is published at {request.path}")
+    manifest = await request.app[CATALOGUE].get(asset_id)
+    if manifest is None or manifest.kind != match["kind"] or manifest.status == "failed":
+        raise NotFound("not_found", f"nothing is published at {request.path}")
+    if match["version"] is not None:
+        version = manifest.version(int(match["version"]))
+        rendition = version.renditions.get(match["name"]) if version else None
+        if version is None or rendition is None:
+            raise NotFound("not_found", f"nothing is published at {request.path}")
+        return manifest, rendition, version.version, True
+    current = manifest.current
+    if not current.primary.endswith(f".{match['ext']}"):
+        raise NotFound("not_found", f"nothing is published at {request.path}")
+    return manifest, current.renditions[current.primary], current.version, False
+
+
+async def serve_content(request: web.Request) -> web.StreamResponse:
+    manifest, rendition, version_number, immutable = await _resolve(request)
+    version = manifest.version(version_number)
+    assert version is not None
+    last_modified = version.created_at
+    headers = {
+        "ETag": rendition.etag,
+        "Last-Modified": format_http_date(last_modified),
+        "Accept-Ranges": "bytes",
+        **cache_headers(
+            immutable=immutable,
+            policy=request.app[RULES].match(request.path),
+            tags=[manifest.cache_tag, *manifest.tags],
+        ),
+    }
+    precondition = evaluate_preconditions(
+        request.method, request.headers, etag=rendition.etag, last_modified=last_modified
+    )
+    if precondition == "not-modified":
+        return web.Response(status=304, headers=headers)
+    if precondition == "failed":
+        return web.json_response(
+            error_body(412, "precondition_failed", "a precondition in the request did not hold"),
+            status=412,
+            headers=headers,
+        )
+    size = rendition.size_bytes
+    decision = select_range(
+        request.headers.get("Range"),
+        size_bytes=size,
+        if_range=request.headers.get("If-Range"),
+        etag=rendition.etag,
+        last_modified=last_modified,
+    )
+    if isinstance(decision, Unsatisfiable):
+        headers["Content-Range"] = f"bytes */{size}"
+        return web.json_response(
+            error_body(416, "range_not_satisfiable", decision.reason), status=416, headers=headers
+        )
+    start, length, status = 0, size, 200
+    if isinstance(decision, ByteSpan):
+        start, length, status = decision.start, decision.length, 206
+        headers["Content-Range"] = decision.content_range(size)
+    headers["Content-Type"] = rendition.content_type
+    return await _send_body(request, rendition.key, start, length, status, headers)
+
+
+async def _send_body(
+    request: web.Request, key: str, start: int, length: int, status: int, headers: dict[str, str]
+) -> web.StreamResponse:
+    store = request.app[STORE]
+    if request.method == "HEAD":
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = length
+        await response.prepare(request)
+        return response
+    if isinstance(store, LocalDirBlobStore):
+        path = store.path_for(key)
+        if length <= SMALL_BODY_BYTES:
+            body = await asyncio.to_thread(_read_span, path, start, length)
+            return web.Response(status=status, headers=headers, body=body)
+        return await _sendfile(request, path, start, length, status, headers)
+    reader = await store.get(key, start=start, end=start + length - 1)
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_length = length
+    await response.prepare(request)
+    async for chunk in reader.chunks:
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+def _read_span(path: Path, start: int, length: int) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(start)
+        return handle.read(length)
+
+
+async def _sendfile(
+    request: web.Request, path: Path, start: int, length: int, status: int, headers: dict[str, str]
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_length = length
+    handle = await asyncio.to_thread(path.open, "rb")
+    try:
+        await response.prepare(request)
+        transport = request.transport
+        loop = asyncio.get_running_loop()
+        sent = False
+        if transport is not None:
+            try:
+                await loop.sendfile(transport, handle, start, length)
+                sent = True
+            except (NotImplementedError, RuntimeError):
+                sent = False
+        if not sent:
+            await asyncio.to_thread(handle.seek, start)
+            remaining = length
+            while remaining:
+                chunk = await asyncio.to_thread(handle.read, min(STREAM_CHUNK_BYTES, remaining))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+                await response.write(chunk)
+        await response.write_eof()
+    finally:
+        await asyncio.to_thread(handle.close)
+    return response
+
+
+# ---- the factory ------------------------------------------------------------------------------
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    store = open_blob_store(
+        config.origin.storage,
+        s3_endpoint=config.origin.s3_endpoint,
+        s3_region=config.origin.s3_region,
+    )
+    redis_client = aioredis.Redis.from_url(config.redis.url, decode_responses=True)
+    app[STORE] = store
+    app[REDIS] = redis_client
+    app[CATALOGUE] = Catalogue(store)
+    app[INGEST] = Ingest(
+        store=store,
+        catalogue=app[CATALOGUE],
+        redis=redis_client,
+        limits=config.origin.upload_limits,
+        session_ttl_s=config.origin.upload_session_ttl_s,
+    )
+    try:
+        removed = await app[INGEST].sweep_staging(older_than_s=STAGING_SWEEP_AGE_S)
+        if removed:
+            log.info("removed %d abandoned staged uploads", removed)
+    except StorageError as exc:
+        log.warning("could not sweep staged uploads: %s", exc)
+    yield
+    await redis_client.aclose()
+    await store.close()
+
+
+def create_app(config: KshipraConfig) -> web.Application:
+    """The origin application. ``config.redis.url`` must be a real URL (the CLI resolves
+    ``embedded`` before calling this)."""
+    if config.redis.url == "embedded":
+        raise ValueError("create_app needs a Redis URL; start the embedded server first")
+    app = web.Application(middlewares=[error_middleware, auth_middleware])
+    app[CONFIG] = config
+    app[RULES] = _rules_from_config(config)
+    app.cleanup_ctx.append(_resources)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_post("/v1/assets", upload_asset)
+    app.router.add_get("/v1/assets", list_assets)
+    app.router.add_get("/v1/assets/{asset_id}", show_asset)
+    app.router.add_post("/v1/uploads", create_upload)
+    app.router.add_get("/v1/uploads/{upload_id}", show_upload)
+    app.router.add_delete("/v1/uploads/{upload_id}", abort_upload)
+    app.router.add_put("/v1/uploads/{upload_id}/parts/{number}", put_part)
+    app.router.add_post("/v1/uploads/{upload_id}/complete", complete_upload)
+    app.router.add_route("GET", "/content/{tail:.*}", serve_content)
+    app.router.add_route("HEAD", "/content/{tail:.*}", serve_content)
+    return app

@@ -1,0 +1,268 @@
+"""HTTP delivery semantics for the content read API (RFC 9110, RFC 9111, RFC 9213). Pure.
+
+The handler asks three questions of these functions, in this order:
+
+1. :func:`evaluate_preconditions` — answer 304 or 412 instead of the content?
+2. :func:`select_range` — the whole representation, one byte range, or 416?
+3. :func:`cache_headers` — what ``Cache-Control``, ``CDN-Cache-Control`` and ``Surrogate-Key``
+   go with this URL?
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime, parsedate_to_datetime
+from typing import Literal
+
+IMMUTABLE_TTL_S = 31_536_000
+
+
+# ---- validators ---------------------------------------------------------------------------
+
+
+def format_http_date(moment: datetime) -> str:
+    return format_datetime(moment.astimezone(UTC).replace(microsecond=0), usegmt=True)
+
+
+def parse_http_date(value: str | None) -> datetime | None:
+    """An HTTP-date, or ``None`` when absent or invalid (RFC 9110 §5.6.7: recipients ignore
+    invalid dates in conditionals)."""
+    if not value:
+        return None
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+_ETAG_RE = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
+
+
+def parse_etag_list(value: str) -> list[tuple[bool, str]] | Literal["*"]:
+    """``If-None-Match`` / ``If-Match`` → ``"*"`` or a list of (weak, opaque-tag-with-quotes).
+    Malformed members are skipped."""
+    if value.strip() == "*":
+        return "*"
+    tags: list[tuple[bool, str]] = []
+    position = 0
+    while position < len(value):
+        match = _ETAG_RE.match(value, position)
+        if not match:
+            next_comma = value.find(",", position)
+            if next_comma < 0:
+                break
+            position = next_comma + 1
+            continue
+        tags.append((match.group(1) is not None, match.group(2)))
+        position = match.end()
+    return tags
+
+
+def _strong_match(tags: list[tuple[bool, str]], etag: str) -> bool:
+    return any(not weak and tag == etag for weak, tag in tags)
+
+
+def _weak_match(tags: list[tuple[bool, str]], etag: str) -> bool:
+    return any(tag == etag.removeprefix("W/") for _, tag in tags)
+
+
+Precondition = Literal["proceed", "not-modified", "failed"]
+
+
+def evaluate_preconditions(
+    method: str,
+    headers: Mapping[str, str],
+    *,
+    etag: str,
+    last_modified: datetime,
+) -> Precondition:
+    """RFC 9110 §13.2.2 order: If-Match, If-Unmodified-Since, If-None-Match,
+    If-Modified-Since. *etag* is the strong tag with quotes."""
+    safe = method in ("GET", "HEAD")
+    last_modified = last_modified.replace(microsecond=0)
+    if_match = headers.get("If-Match")
+    if if_match is not None:
+        tags = parse_etag_list(if_match)
+        if tags != "*" and not _strong_match(tags, etag):
+            return "failed"
+    else:
+        since = parse_http_date(headers.get("If-Unmodified-Since"))
+        if since is not None and last_modified > since:
+            return "failed"
+    if_none_match = headers.get("If-None-Match")
+    if if_none_match is not None:
+        tags = parse_etag_list(if_none_match)
+        if tags == "*" or _weak_match(tags, etag):
+            return "not-modified" if safe else "failed"
+    elif safe:
+        since = parse_http_date(headers.get("If-Modified-Since"))
+        if since is not None and last_modified <= since:
+            return "not-modified"
+    return "proceed"
+
+
+# ---- ranges -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WholeBody:
+    """Send the whole representation (no Range, an ignored Range, or a failed If-Range)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ByteSpan:
+    """Send bytes ``start..end`` inclusive as a 206."""
+
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+    def content_range(self, size_bytes: int) -> str:
+        return f"bytes {self.start}-{self.end}/{size_bytes}"
+
+
+@dataclass(frozen=True, slots=True)
+class Unsatisfiable:
+    """Answer 416 with ``Content-Range: bytes */size``; *reason* goes in the error body."""
+
+    reason: str
+
+
+RangeDecision = WholeBody | ByteSpan | Unsatisfiable
+_RANGE_SPEC_RE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+
+
+def _if_range_holds(if_range: str, etag: str, last_modified: datetime) -> bool:
+    """RFC 9110 §13.1.5: a strong ETag must match exactly; a date must equal Last-Modified."""
+    if_range = if_range.strip()
+    if if_range.startswith(('"', "W/")):
+        return if_range == etag
+    date = parse_http_date(if_range)
+    return date is not None and date == last_modified.replace(microsecond=0)
+
+
+def select_range(
+    range_header: str | None,
+    *,
+    size_bytes: int,
+    if_range: str | None = None,
+    etag: str,
+    last_modified: datetime,
+) -> RangeDecision:
+    """One ``bytes`` range → :class:`ByteSpan`; unsatisfiable or malformed byte ranges →
+    :class:`Unsatisfiable`; no Range, another unit, several ranges, or an If-Range that no
+    longer holds → :class:`WholeBody` (RFC 9110 §14.2 lets a server ignore those)."""
+    if range_header is None:
+        return WholeBody()
+    if if_range is not None and not _if_range_holds(if_range, etag, last_modified):
+        return WholeBody()
+    unit, sep, spec_list = range_header.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return WholeBody()
+    specs = [spec for spec in spec_list.split(",") if spec.strip()]
+    if not specs:
+        return Unsatisfiable(f"malformed Range header {range_header!r}")
+    if len(specs) > 1:
+        return WholeBody()
+    match = _RANGE_SPEC_RE.match(specs[0])
+    if not match or match.groups() == ("", ""):
+        return Unsatisfiable(f"malformed Range header {range_header!r}")
+    first_text, last_text = match.groups()
+    if first_text == "":
+        suffix_length = int(last_text)
+        if suffix_length == 0 or size_bytes == 0:
+            return Unsatisfiable(f"range {range_header!r} selects no bytes of {size_bytes}")
+        return ByteSpan(max(0, size_bytes - suffix_length), size_bytes - 1)
+    first = int(first_text)
+    last = int(last_text) if last_text else size_bytes - 1
+    if last < first:
+        return Unsatisfiable(f"malformed Range header {range_header!r}: last byte before first")
+    if first >= size_bytes:
+        return Unsatisfiable(
+            f"range {range_header!r} starts past the end of a {size_bytes}-byte representation"
+        )
+    return ByteSpan(first, min(last, size_bytes - 1))
+
+
+# ---- cache policy headers -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """The TTLs of a mutable URL, from the configuration's cache rules."""
+
+    edge_ttl_s: int
+    browser_ttl_s: int
+    stale_while_revalidate_s: int = 0
+    stale_if_error_s: int = 0
+    compress: bool = False
+    tags: tuple[str, ...] = ()
+
+
+DEFAULT_MUTABLE_POLICY = CachePolicy(
+    edge_ttl_s=60, browser_ttl_s=30, stale_while_revalidate_s=600, stale_if_error_s=86400
+)
+
+
+def _glob_to_regex(pattern: str) -> re.Pattern[str]:
+    parts = []
+    for piece in re.split(r"(\*\*/?|\*|\?)", pattern):
+        if piece in ("**/", "**"):
+            parts.append("(?:.*/)?" if piece == "**/" else ".*")
+        elif piece == "*":
+            parts.append("[^/]*")
+        elif piece == "?":
+            parts.append("[^/]")
+        else:
+            parts.append(re.escape(piece))
+    return re.compile("^" + "".join(parts) + "$")
+
+
+class RuleMatcher:
+    """First matching rule wins, in configuration order. ``*`` stays within a path segment,
+    ``**`` crosses segments."""
+
+    def __init__(self, rules: Sequence[tuple[str, CachePolicy]]) -> None:
+        self._rules = [(_glob_to_regex(pattern), policy) for pattern, policy in rules]
+
+    def match(self, path: str) -> CachePolicy | None:
+        for regex, policy in self._rules:
+            if regex.match(path):
+                return policy
+        return None
+
+
+def cache_headers(
+    *, immutable: bool, policy: CachePolicy | None, tags: Iterable[str]
+) -> dict[str, str]:
+    """``Cache-Control`` for browsers, ``CDN-Cache-Control`` (RFC 9213) for edges, and
+    ``Surrogate-Key`` (space-separated cache tags, deduplicated, in order)."""
+    if immutable:
+        browser = f"public, max-age={IMMUTABLE_TTL_S}, immutable"
+        edge = f"max-age={IMMUTABLE_TTL_S}"
+        extra_tags: tuple[str, ...] = ()
+    else:
+        policy = policy or DEFAULT_MUTABLE_POLICY
+        stale = []
+        if policy.stale_while_revalidate_s:
+            stale.append(f"stale-while-revalidate={policy.stale_while_revalidate_s}")
+        if policy.stale_if_error_s:
+            stale.append(f"stale-if-error={policy.stale_if_error_s}")
+        browser = ", ".join(["public", f"max-age={policy.browser_ttl_s}", *stale])
+        edge = ", ".join([f"max-age={policy.edge_ttl_s}", *stale])
+        extra_tags = policy.tags
+    unique = list(dict.fromkeys([*tags, *extra_tags]))
+    return {
+        "Cache-Control": browser,
+        "CDN-Cache-Control": edge,
+        "Surrogate-Key": " ".join(unique),
+    }
