@@ -24,6 +24,9 @@ SECRET_VARIABLES = {
     "KSHIPRA_PURGE_TOKEN": "purge_token",
     "KSHIPRA_SIGNING_KEY": "signing_key",
 }
+TOP_LEVEL_VARIABLES = {"KSHIPRA_LOG_LEVEL": "log_level"}
+"""Top-level keys settable from the environment (other ``KSHIPRA_X`` names are the CLI's own,
+such as ``KSHIPRA_ORIGIN_URL``)."""
 SAMPLE_CONFIG = Path(__file__).with_name("sample.toml")
 
 
@@ -46,8 +49,14 @@ def _overlay_environment(data: dict[str, Any], environ: Mapping[str, str]) -> li
     """Apply ``KSHIPRA_A__B=value`` onto *data*; return the variable names used."""
     used = []
     for name, value in sorted(environ.items()):
+        if name in TOP_LEVEL_VARIABLES:
+            data[TOP_LEVEL_VARIABLES[name]] = value
+            used.append(name)
+            continue
         if not name.startswith(ENV_PREFIX) or name in SECRET_VARIABLES or "__" not in name:
             continue
+        if name.startswith(f"{ENV_PREFIX}EDGES__"):
+            raise ConfigError(f"{name}: edges are configured in the TOML file, not the environment")
         path = [part.lower() for part in name.removeprefix(ENV_PREFIX).split("__")]
         if not all(path):
             raise ConfigError(f"{name}: empty key segment")
@@ -60,6 +69,18 @@ def _overlay_environment(data: dict[str, Any], environ: Mapping[str, str]) -> li
         node[path[-1]] = value
         used.append(name)
     return used
+
+
+def _merge(target: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Deep-merge *overrides* into *target*; ``None`` values mean "not given"."""
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):
+            child = target.get(key)
+            if not isinstance(child, dict):
+                child = target[key] = {}
+            _merge(child, value)
+        elif value is not None:
+            target[key] = value
 
 
 def load_config(
@@ -98,12 +119,7 @@ def load_config(
         if environ.get(variable)
     }
     data["secrets"] = secrets
-    for section, values in (overrides or {}).items():
-        if isinstance(values, Mapping):
-            target = data.setdefault(section, {})
-            target.update({key: value for key, value in values.items() if value is not None})
-        elif values is not None:
-            data[section] = values
+    _merge(data, overrides or {})
     try:
         return KshipraConfig.model_validate(data)
     except ValidationError as exc:

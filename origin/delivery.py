@@ -183,9 +183,9 @@ def select_range(
             return Unsatisfiable(f"range {range_header!r} selects no bytes of {size_bytes}")
         return ByteSpan(max(0, size_bytes - suffix_length), size_bytes - 1)
     first = int(first_text)
-    last = int(last_text) if last_text else size_bytes - 1
-    if last < first:
+    if last_text and int(last_text) < first:
         return Unsatisfiable(f"malformed Range header {range_header!r}: last byte before first")
+    last = int(last_text) if last_text else size_bytes - 1
     if first >= size_bytes:
         return Unsatisfiable(
             f"range {range_header!r} starts past the end of a {size_bytes}-byte representation"

@@ -76,5 +76,7 @@ def sniff(head: bytes) -> Sniffed | None:
         return Sniffed("lecture", "avi", "video/x-msvideo", "avi")
     if head.startswith(b"\x1a\x45\xdf\xa3"):
         fmt = "webm" if b"webm" in head[:64] else "matroska"
-        return Sniffed("lecture", fmt, f"video/{'webm' if fmt == 'webm' else 'x-matroska'}", "mkv")
+        if fmt == "webm":
+            return Sniffed("lecture", "webm", "video/webm", "webm")
+        return Sniffed("lecture", "matroska", "video/x-matroska", "mkv")
     return _sniff_iso_bmff(head) or _sniff_mpeg_ts(head) or _sniff_json(head)
