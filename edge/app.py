@@ -1,0 +1,1031 @@
+"""The edge: an RFC 9111 shared cache in front of the origin or a parent edge.
+
+A request goes through the stages DESIGN.md names after Varnish's:
+
+``recv`` (normalise, refuse what is malformed, route) → ``hash`` (cache key) → ``lookup``
+(memory, then disk) → ``hit`` (fresh / stale-while-revalidate / must validate) → ``fetch``
+(collapsed: one upstream request per key) → ``backend_response`` (304 freshens; storability;
+errors never overwrite) → ``store`` → ``deliver`` (conditionals, ranges, encodings, ``Age``,
+``Cache-Status``).
+
+The decisions are pure functions in :mod:`edge.rfc9111` and :mod:`edge.keys`; this module is
+the loop that does the IO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from edge.cache import Hit, TieredCache
+from edge.compression import (
+    INLINE_COMPRESS_BYTES,
+    MAX_COMPRESS_BYTES,
+    MIN_COMPRESS_BYTES,
+    compress,
+    encoded_etag,
+    is_compressible,
+)
+from edge.entry import ENCODING_SEP, SLICE_SEP, VARIANT_SEP, EntryMeta
+from edge.keys import (
+    BadTarget,
+    Target,
+    normalise_target,
+    preferred_encoding,
+    primary_key,
+    secondary_key,
+)
+from edge.memory import MemoryTier
+from edge.metrics import EdgeMetrics
+from edge.policy import make_policy
+from edge.rfc9111 import (
+    EDGE_ONLY,
+    Headers,
+    RequestControls,
+    conditional_headers,
+    freshen_headers,
+    get_all,
+    get_one,
+    headers_to_store,
+    may_serve_stale_on_error,
+    request_controls,
+    reuse,
+    split_list,
+    storability,
+    strip_hop_by_hop,
+    unsafe_invalidations,
+    validator_matches,
+    vary_names,
+)
+from edge.tiers.disk import CorruptEntryError, DiskTier
+from edge.upstream import Upstream, UpstreamError, UpstreamResponse
+from origin.delivery import (
+    ByteSpan,
+    Unsatisfiable,
+    evaluate_preconditions,
+    parse_http_date,
+    select_range,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_UNSAFE_BODY_BYTES = 64 * 1024 * 1024
+ERROR_BODY_LIMIT_BYTES = 256 * 1024
+SENDFILE_CHUNK_BYTES = 256 * 1024
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+
+
+@dataclass(frozen=True)
+class EdgeSettings:
+    name: str
+    upstream_url: str
+    cache_host: str | None = None
+    """Host used in cache keys and sent upstream; default: the upstream's authority. Never
+    the client's Host header."""
+    memory_bytes: int = 256 * 1024**2
+    memory_max_object_bytes: int = 2 * 1024**2
+    disk_dir: Path | None = None
+    disk_bytes: int = 10 * 1024**3
+    slice_bytes: int = 8 * 1024**2
+    upstream_timeout_s: float = 30.0
+    max_upstream_connections: int = 64
+    hit_for_miss_s: float = 120.0
+    policy: str = "s3fifo"
+    purge_token: str | None = field(default=None, repr=False)
+
+
+# ---- outcomes of a fetch, shared with collapsed waiters -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """The response is in the cache now: look it up again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refreshed:
+    """A 304 freshened the stored response."""
+
+
+@dataclass(slots=True)
+class Passed:
+    """Uncacheable: the leader streams this to its client; waiters fetch for themselves."""
+
+    response: UpstreamResponse | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorAnswer:
+    """An upstream 5xx (body read, small) or a failure to reach upstream."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    detail: str
+
+
+Outcome = Stored | Refreshed | Passed | ErrorAnswer
+
+
+def http_date(moment: float) -> str:
+    return format_datetime(datetime.fromtimestamp(moment, UTC), usegmt=True)
+
+
+def error_response(status: int, message: str, **extra: str) -> web.Response:
+    return web.json_response(
+        {"error": {"status": status, "message": message}}, status=status, headers=extra
+    )
+
+
+def forwarded_request_headers(request: web.Request, *, encoding: str) -> list[tuple[str, str]]:
+    """End-to-end request headers for upstream: hop-by-hop, Host, conditionals, Range and
+    Accept-Encoding replaced by ours."""
+    drop = {
+        "host",
+        "accept-encoding",
+        "range",
+        "if-range",
+        "if-none-match",
+        "if-modified-since",
+        "if-match",
+        "if-unmodified-since",
+        "content-length",
+        "expect",
+        "x-forwarded-host",
+    }
+    headers = [
+        (key, value)
+        for key, value in strip_hop_by_hop(list(request.headers.items()))
+        if key.lower() not in drop
+    ]
+    headers.append(("Accept-Encoding", encoding))
+    return headers
+
+
+class Edge:
+    """One edge process: its tiers, its upstream, its in-flight fetches."""
+
+    def __init__(self, settings: EdgeSettings) -> None:
+        self.settings = settings
+        self.upstream = Upstream(
+            settings.upstream_url,
+            timeout_s=settings.upstream_timeout_s,
+            max_connections=settings.max_upstream_connections,
+        )
+        self.host = settings.cache_host or self.upstream.host_header
+        memory = MemoryTier(
+            capacity_bytes=settings.memory_bytes,
+            policy=make_policy(settings.policy, settings.memory_bytes),
+            max_object_bytes=min(settings.memory_max_object_bytes, settings.memory_bytes),
+        )
+        disk = None
+        if settings.disk_dir is not None:
+            disk = DiskTier(
+                settings.disk_dir,
+                capacity_bytes=settings.disk_bytes,
+                policy=make_policy(settings.policy, settings.disk_bytes),
+            )
+        self.cache = TieredCache(memory, disk)
+        self.metrics = EdgeMetrics(self)
+        self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+        self._hit_for_miss: dict[str, float] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        await self.upstream.start()
+        if self.cache.disk is not None:
+            count = await self.cache.disk.open()
+            log.info("%s: disk tier holds %d entries", self.settings.name, count)
+
+    async def stop(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.upstream.close()
+
+    # ---- recv ----------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            target = normalise_target(request.raw_path)
+        except BadTarget as exc:
+            return error_response(400, f"bad request target: {exc}")
+        if request.method in ("GET", "HEAD"):
+            return await self.cacheable(request, target)
+        if request.method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+            return await self.pass_unsafe(request, target)
+        return error_response(501, f"method {request.method} is not supported here")
+
+    # ---- hash, lookup, hit ---------------------------------------------------------------
+
+    async def cacheable(self, request: web.Request, target: Target) -> web.StreamResponse:
+        key = primary_key(self.host, target)
+        headers = list(request.headers.items())
+        controls = request_controls(headers)
+        found = await self.cache.lookup_variant(key, headers)
+        hit = found.hit
+        now = time.time()
+        if hit is not None and hit.meta.kind in ("full", "sliced"):
+            freshness = hit.meta.freshness(now)
+            decision = reuse(freshness, controls)
+            if decision == "fresh":
+                self.metrics.hit()
+                return await self.deliver(request, hit, status=f"hit; ttl={int(freshness.ttl_s)}")
+            if decision == "stale-while-revalidate":
+                self.metrics.stale()
+                self.refresh_in_background(request, target, key)
+                return await self.deliver(request, hit, status=f"hit; ttl={int(freshness.ttl_s)}")
+            if controls.only_if_cached:
+                return error_response(504, "only-if-cached: the stored response is stale")
+            fwd = "request" if controls.no_cache else "stale"
+            return await self.fetch_and_deliver(request, target, key, hit, controls, fwd=fwd)
+        if controls.only_if_cached:
+            return error_response(504, "only-if-cached: nothing stored for this URL")
+        fwd = "vary-miss" if found.url_known else "uri-miss"
+        return await self.fetch_and_deliver(request, target, key, None, controls, fwd=fwd)
+
+    # ---- fetch (collapsed) ---------------------------------------------------------------
+
+    def _collapse_key(self, key: str, request: web.Request) -> str:
+        accept_encoding = preferred_encoding(request.headers.getall("Accept-Encoding", []))
+        return f"{key}{VARIANT_SEP}{accept_encoding}"
+
+    async def fetch_and_deliver(
+        self,
+        request: web.Request,
+        target: Target,
+        key: str,
+        stale: Hit | None,
+        controls: RequestControls,
+        *,
+        fwd: str,
+    ) -> web.StreamResponse:
+        self.metrics.miss()
+        pass_until = self._hit_for_miss.get(key)
+        if pass_until is not None and pass_until > time.time():
+            return await self.pass_get(request, target, fwd="bypass")
+        future, leader = self._join_or_start(
+            self._collapse_key(key, request), lambda: self.fetch(request, target, key, stale)
+        )
+        try:
+            outcome = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if leader:  # our client left; nobody else will read a passed response
+                future.add_done_callback(_close_passed)
+            raise
+        return await self.after_fetch(
+            request, target, key, stale, controls, outcome, fwd, leader=leader
+        )
+
+    def _join_or_start(
+        self, collapse_key: str, fetch: Callable[[], Awaitable[Outcome]]
+    ) -> tuple[asyncio.Future[Outcome], bool]:
+        """Request collapsing: the first request for a key starts the fetch (in its own task,
+        so a client that leaves does not cancel it for the others); later ones wait for it."""
+        existing = self._inflight.get(collapse_key)
+        if existing is not None:
+            self.metrics.collapsed()
+            return existing, False
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._inflight[collapse_key] = future
+
+        async def run() -> None:
+            try:
+                outcome = await fetch()
+            except Exception as exc:
+                log.exception("fetch for %r failed", collapse_key)
+                outcome = ErrorAnswer(
+                    502, (), _json_error(502, f"edge fetch failed: {exc}"), "edge"
+                )
+            finally:
+                if self._inflight.get(collapse_key) is future:
+                    del self._inflight[collapse_key]
+            if not future.done():
+                future.set_result(outcome)
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return future, True
+
+    async def after_fetch(
+        self,
+        request: web.Request,
+        target: Target,
+        key: str,
+        stale: Hit | None,
+        controls: RequestControls,
+        outcome: Outcome,
+        fwd: str,
+        *,
+        leader: bool,
+    ) -> web.StreamResponse:
+        if isinstance(outcome, Stored | Refreshed):
+            found = await self.cache.lookup_variant(key, list(request.headers.items()))
+            if found.hit is not None and found.hit.meta.kind in ("full", "sliced"):
+                ttl = int(found.hit.meta.freshness(time.time()).ttl_s)
+                status = "fwd-status=304" if isinstance(outcome, Refreshed) else "stored"
+                return await self.deliver(
+                    request, found.hit, status=f"fwd={fwd}; {status}; ttl={ttl}"
+                )
+            # Stored under another variant (a Vary field we do not collapse on): fetch ours.
+            return await self.pass_get(request, target, fwd=fwd)
+        if isinstance(outcome, Passed):
+            if leader and outcome.response is not None:
+                return await self.stream_passed(
+                    request, outcome.response, fwd=fwd, detail=outcome.reason
+                )
+            return await self.pass_get(request, target, fwd=fwd)
+        # ErrorAnswer: stale-if-error, or the error for everyone.
+        if stale is not None and may_serve_stale_on_error(
+            stale.meta.freshness(time.time()), controls
+        ):
+            self.metrics.stale()
+            return await self.deliver(
+                request,
+                stale,
+                status=f"fwd={fwd}; fwd-status={outcome.status}; detail=stale-if-error",
+            )
+        headers = CIMultiDict(outcome.headers)
+        detail = re.sub(r"[^A-Za-z0-9-]", "-", outcome.detail)[:40]
+        headers["Cache-Status"] = (
+            f"{self.settings.name}; fwd={fwd}; fwd-status={outcome.status}; detail={detail}"
+        )
+        return web.Response(status=outcome.status, headers=headers, body=outcome.body)
+
+    def _upstream_headers(self, request: web.Request, stale: Hit | None) -> list[tuple[str, str]]:
+        headers = forwarded_request_headers(
+            request, encoding=preferred_encoding(request.headers.getall("Accept-Encoding", []))
+        )
+        if stale is not None and stale.meta.kind == "full":
+            headers.extend(conditional_headers(stale.meta.headers))
+        elif stale is None or stale.meta.kind != "full":
+            headers.append(("Range", f"bytes=0-{self.settings.slice_bytes - 1}"))
+        return headers
+
+    async def fetch(
+        self, request: web.Request, target: Target, key: str, stale: Hit | None
+    ) -> Outcome:
+        """One upstream request for a key, then backend_response and store."""
+        headers = self._upstream_headers(request, stale)
+        try:
+            started = time.monotonic()
+            response = await self.upstream.request("GET", target.path_and_query, headers)
+            self.metrics.upstream_latency(time.monotonic() - started)
+        except UpstreamError as exc:
+            status = 504 if exc.kind == "timeout" else 502
+            return ErrorAnswer(
+                status,
+                (("Content-Type", "application/json"),),
+                _json_error(status, str(exc)),
+                exc.kind,
+            )
+        return await self.backend_response(request, key, stale, response)
+
+    # ---- backend_response and store ------------------------------------------------------
+
+    async def backend_response(
+        self, request: web.Request, key: str, stale: Hit | None, response: UpstreamResponse
+    ) -> Outcome:
+        if response.status == 304 and stale is not None:
+            response.close()
+            if not validator_matches(stale.meta.headers, response.headers):
+                await self.cache.remove(stale.key)
+                return Passed(None, "304-mismatch")
+            meta = stale.meta.with_headers(
+                freshen_headers(stale.meta.headers, response.headers),
+                request_time=response.request_time,
+                response_time=response.response_time,
+            )
+            await self.cache.update_meta(stale.key, meta)
+            return Refreshed()
+        if response.status >= 500:
+            try:
+                body = await response.read(ERROR_BODY_LIMIT_BYTES)
+            except UpstreamError:
+                body = b""
+            return ErrorAnswer(
+                response.status, tuple(_deliverable(response.headers)), body, "upstream-error"
+            )
+        status, headers = response.status, response.headers
+        total: int | None = None
+        if status == 206:
+            parsed = _content_range(get_one(headers, "content-range"))
+            if parsed is None or parsed[0] != 0:
+                response.close()
+                return Passed(None, "bad-content-range")
+            _, last, total = parsed
+            if last == total - 1:  # the whole object fitted in the first slice
+                status = 200
+                headers = [
+                    (k, v)
+                    for k, v in headers
+                    if k.lower() not in ("content-range", "content-length")
+                ]
+                headers.append(("Content-Length", str(total)))
+                total = None
+        request_headers = list(request.headers.items())
+        reason = storability(
+            method="GET",
+            status=status if total is None else 200,
+            request_headers=request_headers,
+            response_headers=headers,
+        )
+        if reason is not None:
+            self._hit_for_miss[key] = time.time() + self.settings.hit_for_miss_s
+            return Passed(response, f"uncacheable-{reason}")
+        self._hit_for_miss.pop(key, None)
+        stored_headers = headers_to_store(headers)
+        vary = vary_names(stored_headers)
+        tags = tuple(
+            tag for value in get_all(stored_headers, "surrogate-key") for tag in value.split()
+        )
+        store_key = key
+        if vary:
+            marker = EntryMeta(
+                kind="vary", vary=vary, url_key=key, response_time=response.response_time
+            )
+            await self.cache.store_bytes(key, marker, b"")
+            store_key = key + VARIANT_SEP + secondary_key(vary, request_headers)
+        elif stale is not None and stale.key != key:
+            store_key = stale.key
+        base = EntryMeta(
+            kind="full",
+            status=status,
+            headers=tuple(stored_headers),
+            request_time=response.request_time,
+            response_time=response.response_time,
+            vary=vary,
+            tags=tags,
+            url_key=key,
+            etag=get_one(stored_headers, "etag"),
+        )
+        try:
+            if total is not None:
+                return await self._store_sliced(store_key, base, response, total)
+            return await self._store_full(store_key, base, response)
+        except UpstreamError as exc:
+            return ErrorAnswer(502, (), _json_error(502, str(exc)), "upstream-body")
+
+    async def _store_full(self, key: str, base: EntryMeta, response: UpstreamResponse) -> Outcome:
+        length_text = get_one(base.headers, "content-length")
+        length = int(length_text) if length_text and length_text.isdigit() else None
+        small = length is not None and length <= self.cache.memory.max_object_bytes
+        if small or self.cache.disk is None:
+            limit = self.cache.memory.max_object_bytes
+            try:
+                body = await response.read(limit)
+            except UpstreamError as exc:
+                if exc.kind == "protocol":  # too large for memory and no disk tier
+                    return Passed(None, "too-large-without-disk")
+                raise
+            meta = replace(
+                base, body_bytes=len(body), headers=_with_length(base.headers, len(body))
+            )
+            await self.cache.store_bytes(key, meta, body)
+            return Stored()
+        meta = replace(base, body_bytes=length or 0)
+        try:
+            stored = await self.cache.store_stream(
+                key, meta, response.chunks(), expected_size=length
+            )
+        except ValueError:
+            return ErrorAnswer(
+                502, (), _json_error(502, "upstream body length mismatch"), "short-body"
+            )
+        if stored is None:
+            return Passed(None, "not-admitted")
+        return Stored()
+
+    async def _store_sliced(
+        self, key: str, base: EntryMeta, response: UpstreamResponse, total: int
+    ) -> Outcome:
+        slice_bytes = self.settings.slice_bytes
+        headers = [
+            (k, v) for k, v in base.headers if k.lower() not in ("content-range", "content-length")
+        ]
+        headers.append(("Content-Length", str(total)))
+        index = replace(
+            base,
+            kind="sliced",
+            headers=tuple(headers),
+            total_bytes=total,
+            slice_bytes=slice_bytes,
+            status=200,
+        )
+        first = replace(
+            base,
+            kind="slice",
+            total_bytes=total,
+            slice_bytes=slice_bytes,
+            body_bytes=min(slice_bytes, total),
+        )
+        stored = await self.cache.store_stream(
+            key + SLICE_SEP + "0", first, response.chunks(), expected_size=min(slice_bytes, total)
+        )
+        if stored is None:
+            return Passed(None, "not-admitted")
+        await self.cache.store_bytes(key, index, b"")
+        return Stored()
+
+    async def fetch_slice(self, request: web.Request, index: Hit, number: int) -> Hit:
+        """A slice of a sliced object, from cache or (collapsed) from upstream."""
+        slice_key = index.key + SLICE_SEP + str(number)
+        found = await self.cache.lookup(slice_key)
+        if found is not None and found.meta.etag == index.meta.etag:
+            return found
+        future, _ = self._join_or_start(
+            slice_key, lambda: self._fetch_slice(request, index, number)
+        )
+        outcome = await asyncio.shield(future)
+        if isinstance(outcome, ErrorAnswer):
+            raise UpstreamError("protocol", outcome.detail)
+        found = await self.cache.lookup(slice_key)
+        if found is None:
+            raise UpstreamError("protocol", f"slice {number} could not be fetched")
+        return found
+
+    async def _fetch_slice(self, request: web.Request, index: Hit, number: int) -> Outcome:
+        meta = index.meta
+        start = number * meta.slice_bytes
+        end = min(start + meta.slice_bytes, meta.total_bytes) - 1
+        headers = forwarded_request_headers(request, encoding="identity")
+        headers.append(("Range", f"bytes={start}-{end}"))
+        if meta.etag:
+            headers.append(("If-Match", meta.etag))
+        target = normalise_target(request.raw_path)
+        response = await self.upstream.request("GET", target.path_and_query, headers)
+        parsed = _content_range(get_one(response.headers, "content-range"))
+        if (
+            response.status != 206
+            or parsed != (start, end, meta.total_bytes)
+            or get_one(response.headers, "etag") != meta.etag
+        ):
+            response.close()
+            await self.cache.remove(index.key)
+            raise UpstreamError("protocol", "the object changed upstream while being sliced")
+        slice_meta = replace(meta, kind="slice", body_bytes=end - start + 1)
+        stored = await self.cache.store_stream(
+            index.key + SLICE_SEP + str(number),
+            slice_meta,
+            response.chunks(),
+            expected_size=end - start + 1,
+        )
+        return Stored() if stored is not None else Passed(None, "not-admitted")
+
+    # ---- background refresh (stale-while-revalidate) -------------------------------------
+
+    def refresh_in_background(self, request: web.Request, target: Target, key: str) -> None:
+        """stale-while-revalidate: one background refresh per key; clients are not kept
+        waiting."""
+        collapse_key = self._collapse_key(key, request)
+        if collapse_key in self._inflight:
+            return
+        request_headers = list(request.headers.items())
+
+        async def refresh() -> Outcome:
+            found = await self.cache.lookup_variant(key, request_headers)
+            return await self.fetch(request, target, key, found.hit)
+
+        future, _ = self._join_or_start(collapse_key, refresh)
+        future.add_done_callback(_close_passed)
+
+    # ---- pass ----------------------------------------------------------------------------
+
+    async def pass_get(
+        self, request: web.Request, target: Target, *, fwd: str
+    ) -> web.StreamResponse:
+        headers = forwarded_request_headers(
+            request, encoding=preferred_encoding(request.headers.getall("Accept-Encoding", []))
+        )
+        for name in ("Range", "If-Range", "If-None-Match", "If-Modified-Since"):
+            value = request.headers.get(name)
+            if value is not None:
+                headers.append((name, value))
+        try:
+            response = await self.upstream.request(request.method, target.path_and_query, headers)
+        except UpstreamError as exc:
+            status = 504 if exc.kind == "timeout" else 502
+            return error_response(
+                status,
+                str(exc),
+                **{"Cache-Status": f"{self.settings.name}; fwd={fwd}; detail={exc.kind}"},
+            )
+        return await self.stream_passed(request, response, fwd=fwd, detail="pass")
+
+    async def stream_passed(
+        self, request: web.Request, response: UpstreamResponse, *, fwd: str, detail: str
+    ) -> web.StreamResponse:
+        headers = CIMultiDict(_deliverable(response.headers))
+        headers["Cache-Status"] = (
+            f"{self.settings.name}; fwd={fwd}; fwd-status={response.status}; detail={detail}"
+        )
+        if "Date" not in headers:
+            headers["Date"] = http_date(time.time())
+        out = web.StreamResponse(status=response.status, headers=headers)
+        length = headers.get("Content-Length")
+        if length is not None and length.isdigit():
+            out.content_length = int(length)
+        await out.prepare(request)
+        if request.method != "HEAD":
+            async for chunk in response.chunks():
+                await out.write(chunk)
+                self.metrics.bytes_to_clients(len(chunk))
+        else:
+            response.close()
+        await out.write_eof()
+        return out
+
+    async def pass_unsafe(self, request: web.Request, target: Target) -> web.StreamResponse:
+        """Unsafe methods go upstream uncached; success invalidates the URL and its
+        Location / Content-Location (RFC 9111 §4.4)."""
+        if request.content_length is not None and request.content_length > MAX_UNSAFE_BODY_BYTES:
+            return error_response(
+                413, f"request bodies through the edge are limited to {MAX_UNSAFE_BODY_BYTES} bytes"
+            )
+        body = await request.read() if request.can_read_body else None
+        headers = [
+            (k, v)
+            for k, v in strip_hop_by_hop(list(request.headers.items()))
+            if k.lower() not in ("host", "content-length", "x-forwarded-host")
+        ]
+        try:
+            response = await self.upstream.request(
+                request.method, target.path_and_query, headers, body
+            )
+        except UpstreamError as exc:
+            return error_response(504 if exc.kind == "timeout" else 502, str(exc))
+        for url in unsafe_invalidations(
+            method=request.method,
+            status=response.status,
+            request_url=target.path_and_query,
+            response_headers=response.headers,
+        ):
+            path = self._same_origin_path(url)
+            if path is not None:
+                await self.invalidate_url(primary_key(self.host, path))
+        return await self.stream_passed(request, response, fwd="method", detail="unsafe")
+
+    def _same_origin_path(self, url: str) -> Target | None:
+        if url.startswith("/"):
+            candidate = url
+        else:
+            match = re.match(r"^https?://([^/]+)(/.*)?$", url)
+            if match is None or match.group(1).lower() != self.host.lower():
+                return None
+            candidate = match.group(2) or "/"
+        try:
+            return normalise_target(candidate)
+        except BadTarget:
+            return None
+
+    async def invalidate_url(self, url_key: str) -> int:
+        """Remove every stored variant, encoding and slice of a URL."""
+        doomed = [key for key, meta in self.cache.metas() if url_key in (meta.url_key, key)]
+        for key in doomed:
+            await self.cache.remove(key)
+        return len(doomed)
+
+    # ---- deliver -------------------------------------------------------------------------
+
+    def _cache_status(self, status: str) -> str:
+        return f"{self.settings.name}; {status}"
+
+    def _response_headers(self, meta: EntryMeta, now: float, cache_status: str) -> CIMultiDict[str]:
+        headers: CIMultiDict[str] = CIMultiDict()
+        for key, value in meta.headers:
+            lowered = key.lower()
+            if lowered in EDGE_ONLY or lowered in ("age", "content-length"):
+                continue
+            headers.add(key, value)
+        freshness = meta.freshness(now)
+        headers["Age"] = str(int(freshness.age_s))
+        if "Date" not in headers:
+            headers["Date"] = http_date(meta.response_time)
+        prior = headers.getall("Cache-Status", [])
+        if prior:
+            del headers["Cache-Status"]
+        headers["Cache-Status"] = ", ".join([*prior, self._cache_status(cache_status)])
+        return headers
+
+    async def deliver(self, request: web.Request, hit: Hit, *, status: str) -> web.StreamResponse:
+        now = time.time()
+        meta = hit.meta
+        if meta.kind == "full" and meta.status == 200 and "Range" not in request.headers:
+            hit, meta = await self._encoded_variant(request, hit)
+        headers = self._response_headers(meta, now, status)
+        compressible = is_compressible(meta.header("content-type")) and meta.header(
+            "content-encoding"
+        ) in (None, *("br", "gzip"))
+        if compressible and "accept-encoding" not in {
+            v.strip().lower() for v in split_list(headers.getall("Vary", []))
+        }:
+            headers.add("Vary", "Accept-Encoding")
+        size = meta.total_bytes if meta.kind == "sliced" else meta.body_bytes
+        etag = meta.header("etag")
+        last_modified = parse_http_date(meta.header("last-modified")) or datetime.fromtimestamp(
+            meta.response_time, UTC
+        )
+        if meta.status == 200:
+            precondition = evaluate_preconditions(
+                request.method, request.headers, etag=etag or '"-"', last_modified=last_modified
+            )
+            if etag is None and any(h in request.headers for h in ("If-None-Match", "If-Match")):
+                precondition = "proceed" if "If-Match" not in request.headers else "failed"
+            if precondition == "not-modified":
+                for name in ("Content-Type", "Content-Encoding", "Content-Range"):
+                    headers.popall(name, None)
+                return web.Response(status=304, headers=headers)
+            if precondition == "failed":
+                return error_response(412, "a precondition in the request did not hold")
+            decision = select_range(
+                request.headers.get("Range"),
+                size_bytes=size,
+                if_range=request.headers.get("If-Range"),
+                etag=etag or '"-"',
+                last_modified=last_modified,
+            )
+            if isinstance(decision, Unsatisfiable):
+                headers["Content-Range"] = f"bytes */{size}"
+                headers["Content-Type"] = "application/json"
+                return web.Response(
+                    status=416, headers=headers, body=_json_error(416, decision.reason)
+                )
+            headers["Accept-Ranges"] = "bytes"
+            if isinstance(decision, ByteSpan):
+                headers["Content-Range"] = decision.content_range(size)
+                return await self._send(request, hit, headers, 206, decision.start, decision.length)
+        return await self._send(request, hit, headers, meta.status, 0, size)
+
+    async def _send(
+        self,
+        request: web.Request,
+        hit: Hit,
+        headers: CIMultiDict[str],
+        status: int,
+        start: int,
+        length: int,
+    ) -> web.StreamResponse:
+        if request.method == "HEAD":
+            response = web.StreamResponse(status=status, headers=headers)
+            response.content_length = length
+            await response.prepare(request)
+            await response.write_eof()
+            return response
+        if hit.meta.kind == "sliced":
+            return await self._send_sliced(request, hit, headers, status, start, length)
+        if hit.body is not None:
+            self.metrics.bytes_to_clients(length)
+            body = (
+                hit.body
+                if start == 0 and length == len(hit.body)
+                else hit.body[start : start + length]
+            )
+            return web.Response(status=status, headers=headers, body=body)
+        try:
+            handle = await self.cache.open_body(hit)
+        except (CorruptEntryError, FileNotFoundError):
+            return error_response(
+                503, "a cached copy failed its checksum; retry", **{"Retry-After": "0"}
+            )
+        return await self._sendfile(request, handle, headers, status, start, length)
+
+    async def _sendfile(
+        self,
+        request: web.Request,
+        handle: BinaryIO,
+        headers: CIMultiDict[str],
+        status: int,
+        start: int,
+        length: int,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = length
+        try:
+            await response.prepare(request)
+            transport = request.transport
+            sent = False
+            if transport is not None and not transport.is_closing():
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    await asyncio.get_running_loop().sendfile(transport, handle, start, length)
+                    sent = True
+            if not sent:
+                await asyncio.to_thread(handle.seek, start)
+                remaining = length
+                while remaining:
+                    chunk = await asyncio.to_thread(
+                        handle.read, min(SENDFILE_CHUNK_BYTES, remaining)
+                    )
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
+                    await response.write(chunk)
+            self.metrics.bytes_to_clients(length)
+            await response.write_eof()
+        finally:
+            await asyncio.to_thread(handle.close)
+        return response
+
+    async def _send_sliced(
+        self,
+        request: web.Request,
+        index: Hit,
+        headers: CIMultiDict[str],
+        status: int,
+        start: int,
+        length: int,
+    ) -> web.StreamResponse:
+        meta = index.meta
+        first_slice = start // meta.slice_bytes
+        last_slice = (start + length - 1) // meta.slice_bytes
+        # Fetch the first slice before committing to a status, so a failure can still be a 502.
+        try:
+            current = await self.fetch_slice(request, index, first_slice)
+        except UpstreamError as exc:
+            return error_response(502, f"could not fetch part of the object: {exc}")
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = length
+        await response.prepare(request)
+        position = start
+        end = start + length
+        for number in range(first_slice, last_slice + 1):
+            if number != first_slice:
+                current = await self.fetch_slice(request, index, number)
+            slice_start = number * meta.slice_bytes
+            lo = position - slice_start
+            hi = min(end - slice_start, current.meta.body_bytes)
+            if current.body is not None:
+                await response.write(current.body[lo:hi])
+            else:
+                handle = await self.cache.open_body(current)
+                try:
+                    await asyncio.to_thread(handle.seek, lo)
+                    remaining = hi - lo
+                    while remaining:
+                        chunk = await asyncio.to_thread(
+                            handle.read, min(SENDFILE_CHUNK_BYTES, remaining)
+                        )
+                        if not chunk:
+                            raise UpstreamError(
+                                "protocol", "a cached slice is shorter than recorded"
+                            )
+                        remaining -= len(chunk)
+                        await response.write(chunk)
+                finally:
+                    await asyncio.to_thread(handle.close)
+            position = slice_start + hi
+        self.metrics.bytes_to_clients(length)
+        await response.write_eof()
+        return response
+
+    async def _encoded_variant(self, request: web.Request, hit: Hit) -> tuple[Hit, EntryMeta]:
+        """deliver with the best encoding the client accepts, making and storing it once."""
+        meta = hit.meta
+        if meta.header("content-encoding") is not None or not is_compressible(
+            meta.header("content-type")
+        ):
+            return hit, meta
+        if not MIN_COMPRESS_BYTES <= meta.body_bytes <= MAX_COMPRESS_BYTES:
+            return hit, meta
+        coding = preferred_encoding(request.headers.getall("Accept-Encoding", []))
+        if coding == "identity":
+            return hit, meta
+        encoded_key = hit.key + ENCODING_SEP + coding
+        found = await self.cache.lookup(encoded_key)
+        if (
+            found is not None
+            and found.meta.etag == encoded_etag(meta.etag, coding)
+            and found.meta.response_time >= meta.response_time
+        ):
+            return found, replace(
+                found.meta,
+                headers=_merge_fresh(meta, found.meta),
+                request_time=meta.request_time,
+                response_time=meta.response_time,
+                soft_purged=meta.soft_purged,
+            )
+        body = hit.body
+        if body is None:
+            try:
+                handle = await self.cache.open_body(hit)
+            except (CorruptEntryError, FileNotFoundError):
+                return hit, meta
+            try:
+                body = await asyncio.to_thread(handle.read)
+            finally:
+                await asyncio.to_thread(handle.close)
+        if len(body) <= INLINE_COMPRESS_BYTES:
+            encoded = compress(body, coding)
+        else:
+            encoded = await asyncio.to_thread(compress, body, coding)
+        if len(encoded) >= len(body):
+            return hit, meta
+        headers = [(k, v) for k, v in meta.headers if k.lower() not in ("content-length", "etag")]
+        headers.append(("Content-Encoding", coding))
+        new_etag = encoded_etag(meta.etag, coding)
+        if new_etag is not None:
+            headers.append(("ETag", new_etag))
+        headers.append(("Content-Length", str(len(encoded))))
+        encoded_meta = replace(meta, headers=tuple(headers), body_bytes=len(encoded), etag=new_etag)
+        stored = await self.cache.store_bytes(encoded_key, encoded_meta, encoded)
+        return stored, encoded_meta
+
+
+def _merge_fresh(identity: EntryMeta, encoded: EntryMeta) -> tuple[tuple[str, str], ...]:
+    """The encoded copy's headers, with freshness fields from the (possibly refreshed)
+    identity entry."""
+    fresh_fields = {
+        "date",
+        "cache-control",
+        "cdn-cache-control",
+        "expires",
+        "age",
+        "last-modified",
+        "surrogate-key",
+    }
+    kept = [(k, v) for k, v in encoded.headers if k.lower() not in fresh_fields]
+    return tuple(kept + [(k, v) for k, v in identity.headers if k.lower() in fresh_fields])
+
+
+def _close_passed(future: asyncio.Future[Outcome]) -> None:
+    if not future.cancelled():
+        outcome = future.result()
+        if isinstance(outcome, Passed) and outcome.response is not None:
+            outcome.response.close()
+
+
+def _deliverable(headers: Headers) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in strip_hop_by_hop(headers) if k.lower() not in EDGE_ONLY]
+
+
+def _with_length(headers: tuple[tuple[str, str], ...], length: int) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        [(k, v) for k, v in headers if k.lower() != "content-length"]
+        + [("Content-Length", str(length))]
+    )
+
+
+def _content_range(value: str | None) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    match = _CONTENT_RANGE_RE.match(value.strip())
+    if match is None:
+        return None
+    first, last, total = (int(group) for group in match.groups())
+    if last < first or last >= total:
+        return None
+    return first, last, total
+
+
+def _json_error(status: int, message: str) -> bytes:
+    return json.dumps({"error": {"status": status, "message": message}}).encode()
+
+
+# ---- the application -----------------------------------------------------------------------------
+
+EDGE = web.AppKey("edge", Edge)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "edge": request.app[EDGE].settings.name})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body, content_type = request.app[EDGE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    return await request.app[EDGE].handle(request)
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    edge = app[EDGE]
+    await edge.start()
+    yield
+    await edge.stop()
+
+
+def create_app(settings: EdgeSettings) -> web.Application:
+    """The edge application: ``/healthz``, ``/metrics`` and everything else proxied."""
+    app = web.Application(client_max_size=MAX_UNSAFE_BODY_BYTES)
+    app[EDGE] = Edge(settings)
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_get("/healthz", healthz, allow_head=True)
+    app.router.add_get("/metrics", metrics_handler, allow_head=False)
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    return app

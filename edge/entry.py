@@ -1,0 +1,109 @@
+"""What the edge keeps about a stored response, as plain data both tiers can hold.
+
+Four shapes share one key space:
+
+* ``full`` — a whole response (status, headers, body);
+* ``vary`` — a marker at the URL's key naming the fields its responses vary on; the responses
+  themselves live at ``key + VARIANT_SEP + secondary key``;
+* ``sliced`` — the headers of an object too large to keep whole; its bytes live in fixed-size
+  ``slice`` entries at ``key + SLICE_SEP + index``;
+* ``slice`` — one slice's bytes.
+
+Encoded copies the edge makes itself (Brotli, gzip) are ``full`` entries at
+``key + ENCODING_SEP + coding``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from edge.rfc9111 import Freshness, Headers, freshness_of, get_one
+
+EntryKind = Literal["full", "vary", "sliced", "slice"]
+VARIANT_SEP = "\x00v:"
+SLICE_SEP = "\x00s:"
+ENCODING_SEP = "\x00e:"
+
+
+@dataclass(frozen=True, slots=True)
+class EntryMeta:
+    kind: EntryKind
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    """Stored response headers: hop-by-hop removed; CDN-only fields kept for the record and
+    stripped on delivery."""
+    request_time: float = 0.0
+    response_time: float = 0.0
+    body_bytes: int = 0
+    total_bytes: int = 0
+    """For ``sliced``: the whole object's size. For ``slice``: ditto (to check consistency)."""
+    slice_bytes: int = 0
+    vary: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    url_key: str = ""
+    """The primary (URL) key this entry belongs to: purges by URL and prefix match on it."""
+    soft_purged: bool = False
+    etag: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "status": self.status,
+            "headers": [list(pair) for pair in self.headers],
+            "request_time": self.request_time,
+            "response_time": self.response_time,
+            "body_bytes": self.body_bytes,
+            "total_bytes": self.total_bytes,
+            "slice_bytes": self.slice_bytes,
+            "vary": list(self.vary),
+            "tags": list(self.tags),
+            "url_key": self.url_key,
+            "soft_purged": self.soft_purged,
+            "etag": self.etag,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EntryMeta:
+        return cls(
+            kind=data["kind"],
+            status=int(data["status"]),
+            headers=tuple((str(k), str(v)) for k, v in data["headers"]),
+            request_time=float(data["request_time"]),
+            response_time=float(data["response_time"]),
+            body_bytes=int(data["body_bytes"]),
+            total_bytes=int(data.get("total_bytes", 0)),
+            slice_bytes=int(data.get("slice_bytes", 0)),
+            vary=tuple(data.get("vary", ())),
+            tags=tuple(data.get("tags", ())),
+            url_key=str(data.get("url_key", "")),
+            soft_purged=bool(data.get("soft_purged", False)),
+            etag=data.get("etag"),
+            extra=dict(data.get("extra", {})),
+        )
+
+    def freshness(self, now: float) -> Freshness:
+        return freshness_of(
+            self.headers,
+            status=self.status,
+            request_time=self.request_time,
+            response_time=self.response_time,
+            now=now,
+            soft_purged=self.soft_purged,
+        )
+
+    def header(self, name: str) -> str | None:
+        return get_one(self.headers, name)
+
+    def with_headers(
+        self, headers: Headers, *, request_time: float, response_time: float
+    ) -> EntryMeta:
+        return replace(
+            self,
+            headers=tuple(headers),
+            request_time=request_time,
+            response_time=response_time,
+            soft_purged=False,
+        )

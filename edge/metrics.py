@@ -1,0 +1,95 @@
+"""``/metrics``: Prometheus counters, a latency histogram and tier gauges for one edge."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from edge.app import Edge
+
+
+class EdgeMetrics:
+    def __init__(self, edge: Edge) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self._hits = Counter("kshipra_edge_hits", "Requests answered from cache", registry=registry)
+        self._misses = Counter(
+            "kshipra_edge_misses", "Requests that needed upstream", registry=registry
+        )
+        self._stale = Counter(
+            "kshipra_edge_stale_serves",
+            "Stale responses served (stale-while-revalidate, stale-if-error)",
+            registry=registry,
+        )
+        self._collapsed = Counter(
+            "kshipra_edge_collapsed_waits",
+            "Requests that waited for another request's upstream fetch",
+            registry=registry,
+        )
+        self._to_clients = Counter(
+            "kshipra_edge_client_bytes", "Body bytes sent to clients", registry=registry
+        )
+        self._from_upstream = Counter(
+            "kshipra_edge_upstream_bytes", "Body bytes received from upstream", registry=registry
+        )
+        self._latency = Histogram(
+            "kshipra_edge_upstream_latency_seconds",
+            "Time to upstream response headers",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        memory_bytes = Gauge(
+            "kshipra_edge_memory_tier_bytes", "Bytes held by the memory tier", registry=registry
+        )
+        memory_bytes.set_function(lambda: edge.cache.memory.used_bytes)
+        memory_entries = Gauge(
+            "kshipra_edge_memory_tier_entries", "Entries in the memory tier", registry=registry
+        )
+        memory_entries.set_function(lambda: len(edge.cache.memory))
+        disk_bytes = Gauge(
+            "kshipra_edge_disk_tier_bytes", "Bytes held by the disk tier", registry=registry
+        )
+        disk_bytes.set_function(lambda: edge.cache.disk_used_bytes)
+        disk_entries = Gauge(
+            "kshipra_edge_disk_tier_entries", "Entries in the disk tier", registry=registry
+        )
+        disk_entries.set_function(lambda: 0 if edge.cache.disk is None else len(edge.cache.disk))
+        evictions = Gauge(
+            "kshipra_edge_memory_evictions",
+            "Objects evicted from the memory tier",
+            registry=registry,
+        )
+        evictions.set_function(lambda: edge.cache.memory.evictions)
+        disk_evictions = Gauge(
+            "kshipra_edge_disk_evictions", "Objects evicted from the disk tier", registry=registry
+        )
+        disk_evictions.set_function(
+            lambda: 0 if edge.cache.disk is None else getattr(edge.cache.disk, "evictions", 0)
+        )
+
+    def hit(self) -> None:
+        self._hits.inc()
+
+    def miss(self) -> None:
+        self._misses.inc()
+
+    def stale(self) -> None:
+        self._stale.inc()
+
+    def collapsed(self) -> None:
+        self._collapsed.inc()
+
+    def bytes_to_clients(self, count: int) -> None:
+        self._to_clients.inc(count)
+
+    def bytes_from_upstream(self, count: int) -> None:
+        self._from_upstream.inc(count)
+
+    def upstream_latency(self, seconds: float) -> None:
+        self._latency.observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,121 @@
+"""fetch: the edge's one way to its upstream (the origin or a parent edge).
+
+Keep-alive pooling and a bound on concurrent upstream requests come from aiohttp's connector;
+timeouts from configuration. Failures come back as :class:`UpstreamError` with the kind of
+failure, which decides whether stale content may be served instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal
+
+import aiohttp
+from yarl import URL
+
+from edge.rfc9111 import Headers, strip_hop_by_hop
+
+FailureKind = Literal["timeout", "refused", "reset", "protocol"]
+READ_CHUNK_BYTES = 256 * 1024
+
+
+class UpstreamError(Exception):
+    def __init__(self, kind: FailureKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    """End-to-end headers as received (hop-by-hop removed)."""
+    request_time: float
+    response_time: float
+    _response: aiohttp.ClientResponse
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_chunked(READ_CHUNK_BYTES):
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamError("reset", f"upstream body failed: {exc}") from exc
+        finally:
+            self._response.release()
+
+    async def read(self, limit_bytes: int) -> bytes:
+        parts, total = [], 0
+        async for chunk in self.chunks():
+            total += len(chunk)
+            if total > limit_bytes:
+                raise UpstreamError("protocol", f"upstream body larger than {limit_bytes} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._response.close()
+
+
+class Upstream:
+    """A pooled HTTP client for one upstream base URL."""
+
+    def __init__(self, base_url: str, *, timeout_s: float, max_connections: int) -> None:
+        self.base_url = URL(base_url.rstrip("/"))
+        self.host_header = self.base_url.raw_authority
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=min(timeout_s, 10.0), sock_read=timeout_s
+        )
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, keepalive_timeout=30, enable_cleanup_closed=True
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def request(
+        self, method: str, path_and_query: str, headers: Headers, body: bytes | None = None
+    ) -> UpstreamResponse:
+        """Send a request; the caller reads or closes the response."""
+        assert self._session is not None, "Upstream.start() first"
+        url = URL(str(self.base_url) + path_and_query, encoded=True)
+        request_time = time.time()
+        try:
+            response = await self._session.request(
+                method,
+                url,
+                headers=list(headers),
+                data=body,
+                allow_redirects=False,
+            )
+        except TimeoutError as exc:
+            raise UpstreamError("timeout", f"upstream timed out: {self.base_url}") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError(
+                "refused", f"cannot connect to upstream {self.base_url}: {exc}"
+            ) from exc
+        except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+            raise UpstreamError("protocol", f"upstream failed: {exc}") from exc
+        headers_out = strip_hop_by_hop(
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
+        )
+        return UpstreamResponse(
+            status=response.status,
+            headers=headers_out,
+            request_time=request_time,
+            response_time=time.time(),
+            _response=response,
+        )

@@ -1,0 +1,144 @@
+"""Test-side HTTP servers for the edge: a scripted upstream (any HTTP origin the edge may sit
+in front of, answering exactly the headers a test wants), and the edge itself as a real server
+on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from edge.app import EdgeSettings, create_app
+from origin.delivery import ByteSpan, Unsatisfiable, select_range
+
+
+@dataclass
+class Script:
+    """How the upstream answers one path. Tests change it between requests."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b"hello"
+    gate: asyncio.Event | None = None
+    """When set, requests wait for the event before answering (to hold a fetch in flight)."""
+    answer_304_to: str | None = None
+    """An ETag: conditional requests carrying it get a 304 with ``headers_304``."""
+    headers_304: dict[str, str] = field(default_factory=dict)
+    ranges: bool = False
+    """Honour Range requests (206) like a real file server."""
+    drop_connection: bool = False
+
+
+@dataclass
+class Seen:
+    path: str
+    headers: dict[str, str]
+
+
+class ScriptedOrigin:
+    def __init__(self) -> None:
+        self.scripts: dict[str, Script] = {}
+        self.seen: list[Seen] = []
+        self.arrived = asyncio.Event()
+
+    def script(self, path: str, **kwargs: Any) -> Script:
+        self.scripts[path] = Script(**kwargs)
+        return self.scripts[path]
+
+    def count(self, path: str) -> int:
+        return sum(1 for seen in self.seen if seen.path == path)
+
+    def requests_to(self, path: str) -> list[Seen]:
+        return [seen for seen in self.seen if seen.path == path]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(Seen(request.path_qs, dict(request.headers)))
+        self.arrived.set()
+        script = self.scripts.get(request.path)
+        if script is None:
+            return web.Response(status=404, text="no script")
+        if script.gate is not None:
+            await script.gate.wait()
+        if script.drop_connection:
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=500)
+        if script.answer_304_to is not None and script.answer_304_to in request.headers.get(
+            "If-None-Match", ""
+        ):
+            return web.Response(status=304, headers=script.headers_304)
+        headers = dict(script.headers)
+        range_header = request.headers.get("Range")
+        if script.ranges and range_header and script.status == 200:
+            etag = headers.get("ETag", '"x"')
+            decision = select_range(
+                range_header,
+                size_bytes=len(script.body),
+                etag=etag,
+                last_modified=datetime.now(UTC),
+            )
+            if isinstance(decision, ByteSpan):
+                if_match = request.headers.get("If-Match")
+                if if_match is not None and if_match != etag:
+                    return web.Response(status=412)
+                headers["Content-Range"] = decision.content_range(len(script.body))
+                return web.Response(
+                    status=206,
+                    headers=headers,
+                    body=script.body[decision.start : decision.start + decision.length],
+                )
+            if isinstance(decision, Unsatisfiable):
+                return web.Response(status=416)
+        return web.Response(status=script.status, headers=headers, body=script.body)
+
+
+def body_of(size: int, seed: str = "x") -> bytes:
+    """*size* deterministic bytes that do not compress."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> tuple[ScriptedOrigin, TestServer]:
+    origin = ScriptedOrigin()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", origin.handle)
+    server: TestServer = await aiohttp_server(app)
+    return origin, server
+
+
+@pytest.fixture
+def make_edge(
+    aiohttp_client: Any, upstream: tuple[ScriptedOrigin, TestServer], tmp_path: Path
+) -> Callable[..., Any]:
+    """``await make_edge(**settings)`` → a client of a real edge server in front of the
+    scripted upstream (disk tier in tmp_path unless ``disk_dir=None``)."""
+    _, server = upstream
+
+    async def make(**overrides: Any) -> TestClient[Any, Any]:
+        settings = EdgeSettings(
+            name="test-edge",
+            upstream_url=str(server.make_url("")).rstrip("/"),
+            cache_host="cdn.example",
+            disk_dir=tmp_path / "edge-disk",
+            memory_bytes=16 * 1024**2,
+            disk_bytes=256 * 1024**2,
+            upstream_timeout_s=5.0,
+            **overrides,
+        )
+        client: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
+        return client
+
+    return make
