@@ -104,6 +104,7 @@ class EdgeSettings:
     max_upstream_connections: int = 64
     hit_for_miss_s: float = 120.0
     policy: str = "s3fifo"
+    disk_sync_interval_s: float = 5.0
     purge_token: str | None = field(default=None, repr=False)
 
 
@@ -210,12 +211,27 @@ class Edge:
         if self.cache.disk is not None:
             count = await self.cache.disk.open()
             log.info("%s: disk tier holds %d entries", self.settings.name, count)
+            task = asyncio.create_task(self._sync_disk_forever(self.cache.disk))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _sync_disk_forever(self, disk: DiskTier) -> None:
+        """Workers sharing one disk directory learn of each other's stores and removals, and
+        each keeps the directory within its byte budget (see :class:`DiskTier`)."""
+        while True:
+            await asyncio.sleep(self.settings.disk_sync_interval_s)
+            try:
+                await disk.sync()
+            except OSError:
+                log.exception("%s: disk sync failed", self.settings.name)
 
     async def stop(self) -> None:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.upstream.close()
+        if self.cache.disk is not None:
+            await self.cache.disk.close()
 
     # ---- recv ----------------------------------------------------------------------------
 

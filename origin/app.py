@@ -14,7 +14,11 @@ import asyncio
 import hmac
 import logging
 import re
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +65,7 @@ INGEST = web.AppKey("ingest", Ingest)
 RULES = web.AppKey("rules", RuleMatcher)
 
 STREAM_CHUNK_BYTES = 256 * 1024
-SMALL_BODY_BYTES = 64 * 1024
+FILE_CHUNK_BYTES = 1024 * 1024
 STAGING_SWEEP_AGE_S = 24 * 3600
 _CONTENT_RE = re.compile(
     r"^/content/(?P<kind>lecture|image|bundle)s/(?P<id>[^/]+)/"
@@ -349,55 +353,160 @@ async def _resolve(request: web.Request) -> tuple[Manifest, Rendition, int, bool
     return manifest, current.renditions[current.primary], current.version, False
 
 
-async def serve_content(request: web.Request) -> web.StreamResponse:
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Everything about one content URL that does not depend on the request: resolved once
+    and reused (immutable URLs until evicted, ``latest`` pointers for the catalogue's cache
+    TTL)."""
+
+    key: str
+    size_bytes: int
+    etag: str
+    last_modified: datetime
+    headers: dict[str, str]
+    resolved_at: float
+    immutable: bool
+
+
+class ContentCache:
+    """Resolved deliveries by path, and the bytes of small objects by storage key. Source
+    objects are content-addressed (``sources/{hash}``) and never change, so their bytes can
+    be kept as long as memory allows."""
+
+    def __init__(
+        self,
+        *,
+        max_body_bytes: int = 1024 * 1024,
+        budget_bytes: int = 64 * 1024 * 1024,
+        mutable_ttl_s: float = 1.0,
+    ) -> None:
+        self._deliveries: dict[str, Delivery] = {}
+        self._bodies: OrderedDict[str, bytes] = OrderedDict()
+        self._body_bytes = 0
+        self.max_body_bytes = max_body_bytes
+        self._budget_bytes = budget_bytes
+        self._mutable_ttl_s = mutable_ttl_s
+
+    def delivery(self, path: str, now: float) -> Delivery | None:
+        found = self._deliveries.get(path)
+        if found is None or (not found.immutable and now - found.resolved_at > self._mutable_ttl_s):
+            return None
+        return found
+
+    def remember(self, path: str, delivery: Delivery) -> None:
+        if len(self._deliveries) >= 100_000:
+            self._deliveries.clear()
+        self._deliveries[path] = delivery
+
+    def body(self, key: str) -> bytes | None:
+        body = self._bodies.get(key)
+        if body is not None:
+            self._bodies.move_to_end(key)
+        return body
+
+    def keep_body(self, key: str, body: bytes) -> None:
+        if len(body) > self.max_body_bytes or key in self._bodies:
+            return
+        self._bodies[key] = body
+        self._body_bytes += len(body)
+        while self._body_bytes > self._budget_bytes:
+            _, dropped = self._bodies.popitem(last=False)
+            self._body_bytes -= len(dropped)
+
+
+CONTENT_CACHE = web.AppKey("content_cache", ContentCache)
+
+
+async def _delivery_for(request: web.Request) -> Delivery:
+    cache = request.app[CONTENT_CACHE]
+    now = time.monotonic()
+    found = cache.delivery(request.path, now)
+    if found is not None:
+        return found
     manifest, rendition, version_number, immutable = await _resolve(request)
     version = manifest.version(version_number)
     assert version is not None
-    last_modified = version.created_at
     headers = {
         "ETag": rendition.etag,
-        "Last-Modified": format_http_date(last_modified),
+        "Last-Modified": format_http_date(version.created_at),
         "Accept-Ranges": "bytes",
+        "Content-Type": rendition.content_type,
         **cache_headers(
             immutable=immutable,
             policy=request.app[RULES].match(request.path),
             tags=[manifest.cache_tag, *manifest.tags],
         ),
     }
-    precondition = evaluate_preconditions(
-        request.method, request.headers, etag=rendition.etag, last_modified=last_modified
-    )
-    if precondition == "not-modified":
-        return web.Response(status=304, headers=headers)
-    if precondition == "failed":
-        return web.json_response(
-            error_body(412, "precondition_failed", "a precondition in the request did not hold"),
-            status=412,
-            headers=headers,
-        )
-    size = rendition.size_bytes
-    decision = select_range(
-        request.headers.get("Range"),
-        size_bytes=size,
-        if_range=request.headers.get("If-Range"),
+    delivery = Delivery(
+        key=rendition.key,
+        size_bytes=rendition.size_bytes,
         etag=rendition.etag,
-        last_modified=last_modified,
+        last_modified=version.created_at,
+        headers=headers,
+        resolved_at=now,
+        immutable=immutable,
     )
-    if isinstance(decision, Unsatisfiable):
-        headers["Content-Range"] = f"bytes */{size}"
-        return web.json_response(
-            error_body(416, "range_not_satisfiable", decision.reason), status=416, headers=headers
+    cache.remember(request.path, delivery)
+    return delivery
+
+
+_CONDITIONAL_HEADERS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since")
+
+
+async def serve_content(request: web.Request) -> web.StreamResponse:
+    delivery = await _delivery_for(request)
+    headers = dict(delivery.headers)
+    request_headers = request.headers
+    if any(name in request_headers for name in _CONDITIONAL_HEADERS):
+        precondition = evaluate_preconditions(
+            request.method,
+            request_headers,
+            etag=delivery.etag,
+            last_modified=delivery.last_modified,
         )
+        if precondition == "not-modified":
+            del headers["Content-Type"]
+            return web.Response(status=304, headers=headers)
+        if precondition == "failed":
+            return web.json_response(
+                error_body(
+                    412, "precondition_failed", "a precondition in the request did not hold"
+                ),
+                status=412,
+                headers={k: v for k, v in headers.items() if k != "Content-Type"},
+            )
+    size = delivery.size_bytes
     start, length, status = 0, size, 200
-    if isinstance(decision, ByteSpan):
-        start, length, status = decision.start, decision.length, 206
-        headers["Content-Range"] = decision.content_range(size)
-    headers["Content-Type"] = rendition.content_type
-    return await _send_body(request, rendition.key, start, length, status, headers)
+    if "Range" in request_headers:
+        decision = select_range(
+            request_headers.get("Range"),
+            size_bytes=size,
+            if_range=request_headers.get("If-Range"),
+            etag=delivery.etag,
+            last_modified=delivery.last_modified,
+        )
+        if isinstance(decision, Unsatisfiable):
+            headers["Content-Range"] = f"bytes */{size}"
+            del headers["Content-Type"]
+            return web.json_response(
+                error_body(416, "range_not_satisfiable", decision.reason),
+                status=416,
+                headers=headers,
+            )
+        if isinstance(decision, ByteSpan):
+            start, length, status = decision.start, decision.length, 206
+            headers["Content-Range"] = decision.content_range(size)
+    return await _send_body(request, delivery.key, size, start, length, status, headers)
 
 
 async def _send_body(
-    request: web.Request, key: str, start: int, length: int, status: int, headers: dict[str, str]
+    request: web.Request,
+    key: str,
+    size: int,
+    start: int,
+    length: int,
+    status: int,
+    headers: dict[str, str],
 ) -> web.StreamResponse:
     store = request.app[STORE]
     if request.method == "HEAD":
@@ -405,12 +514,18 @@ async def _send_body(
         response.content_length = length
         await response.prepare(request)
         return response
+    cache = request.app[CONTENT_CACHE]
+    if size <= cache.max_body_bytes:
+        body = cache.body(key)
+        if body is None:
+            reader = await store.get(key)
+            body = await reader.read_all()
+            cache.keep_body(key, body)
+        if length != size:
+            body = body[start : start + length]
+        return web.Response(status=status, headers=headers, body=body)
     if isinstance(store, LocalDirBlobStore):
-        path = store.path_for(key)
-        if length <= SMALL_BODY_BYTES:
-            body = await asyncio.to_thread(_read_span, path, start, length)
-            return web.Response(status=status, headers=headers, body=body)
-        return await _sendfile(request, path, start, length, status, headers)
+        return await _send_file(request, store.path_for(key), start, length, status, headers)
     reader = await store.get(key, start=start, end=start + length - 1)
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = length
@@ -427,35 +542,24 @@ def _read_span(path: Path, start: int, length: int) -> bytes:
         return handle.read(length)
 
 
-async def _sendfile(
+async def _send_file(
     request: web.Request, path: Path, start: int, length: int, status: int, headers: dict[str, str]
 ) -> web.StreamResponse:
+    """Large local files, in 1 MiB reads off the event loop. (uvloop has no ``sendfile``,
+    MagicStack/uvloop#228; objects this size are rare at the origin, whose edges cache.)"""
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = length
-    handle = await asyncio.to_thread(path.open, "rb")
-    try:
-        await response.prepare(request)
-        transport = request.transport
-        loop = asyncio.get_running_loop()
-        sent = False
-        if transport is not None:
-            try:
-                await loop.sendfile(transport, handle, start, length)
-                sent = True
-            except (NotImplementedError, RuntimeError):
-                sent = False
-        if not sent:
-            await asyncio.to_thread(handle.seek, start)
-            remaining = length
-            while remaining:
-                chunk = await asyncio.to_thread(handle.read, min(STREAM_CHUNK_BYTES, remaining))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-                await response.write(chunk)
-        await response.write_eof()
-    finally:
-        await asyncio.to_thread(handle.close)
+    await response.prepare(request)
+    position, end = start, start + length
+    while position < end:
+        chunk = await asyncio.to_thread(
+            _read_span, path, position, min(FILE_CHUNK_BYTES, end - position)
+        )
+        if not chunk:
+            raise StorageError(f"{path} is shorter than its catalogue entry")
+        position += len(chunk)
+        await response.write(chunk)
+    await response.write_eof()
     return response
 
 
@@ -499,6 +603,7 @@ def create_app(config: KshipraConfig) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware])
     app[CONFIG] = config
     app[RULES] = _rules_from_config(config)
+    app[CONTENT_CACHE] = ContentCache()
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

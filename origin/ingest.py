@@ -264,9 +264,15 @@ class Ingest:
         filename: str | None,
         tags: list[str],
     ) -> PublishResult:
+        at_source = staging_key == AssetLayout.source_key(content_hash)
         try:
             if sniffed.kind == "bundle":
-                await self._validate_bundle(staging_key)
+                try:
+                    await self._validate_bundle(staging_key)
+                except Unprocessable:
+                    if at_source:  # invalid bytes: nothing can reference them
+                        await self._store.delete(staging_key)
+                    raise
             async with self._redis.lock(
                 f"kshipra:lock:asset:{asset_id}", timeout=60, blocking_timeout=30
             ):
@@ -280,7 +286,8 @@ class Ingest:
                     tags=tags,
                 )
         finally:
-            await self._store.delete(staging_key)
+            if not at_source:
+                await self._store.delete(staging_key)
 
     async def _publish_locked(
         self,
@@ -452,8 +459,14 @@ class Ingest:
             else:
                 if session.state == "open":
                     return session, None, await self.received_parts(session)
+        if existing is not None and kind is not None and existing.kind != kind:
+            raise Conflict(
+                "kind_conflict", f"asset {asset_id!r} is a {existing.kind}; this upload is a {kind}"
+            )
         upload_id = secrets.token_hex(16)
-        staging_key = AssetLayout.staging_key(upload_id)
+        # Parts go straight to the content-addressed key: the object appears there only when
+        # the verified parts are joined, and publishing then needs no copy.
+        staging_key = AssetLayout.source_key(content_hash)
         storage_upload_id = await self._store.create_multipart(
             staging_key, content_type="application/octet-stream"
         )
@@ -523,6 +536,14 @@ class Ingest:
                 "part_size", f"part {number} must be {expected} bytes, got {part.size_bytes}"
             )
         if number == 1 and guard.sniffed is not None:
+            existing = await self._catalogue.get(session.asset_id, fresh=True)
+            if existing is not None and existing.kind != guard.sniffed.kind:
+                await self.abort(upload_id)
+                raise Conflict(
+                    "kind_conflict",
+                    f"asset {session.asset_id!r} is a {existing.kind}; "
+                    f"this upload is a {guard.sniffed.kind}",
+                )
             limit = self._limits.for_kind(guard.sniffed.kind)
             if session.size_bytes > limit:
                 await self.abort(upload_id)
@@ -575,7 +596,10 @@ class Ingest:
         )
         sniffed = sniff(await head.read_all())
         if sniffed is None or (session.kind is not None and sniffed.kind != session.kind):
-            await self._store.delete(session.staging_key)
+            # Part 1 was checked on arrival, so this is a bytes-changed-under-us case; only
+            # unrecognisable bytes are surely unreferenced.
+            if sniffed is None:
+                await self._store.delete(session.staging_key)
             await self._forget(session)
             raise (
                 _kind_mismatch(session.kind, sniffed)

@@ -24,12 +24,20 @@ def read_until(process: subprocess.Popen[str], marker: str) -> list[str]:
 
 
 def test_dev_serves_a_sample_and_stops_cleanly(tmp_path: Path) -> None:
-    port = free_port()
+    port, edge_port = free_port(), free_port()
     env = child_env()
     for variable in ("KSHIPRA_UPLOAD_TOKEN", "KSHIPRA_PURGE_TOKEN"):
         env.pop(variable)
     process = subprocess.Popen(
-        kshipra_argv("dev", "--origin-listen", f"127.0.0.1:{port}", "--data", str(tmp_path)),
+        kshipra_argv(
+            "dev",
+            "--origin-listen",
+            f"127.0.0.1:{port}",
+            "--edge-listen",
+            f"127.0.0.1:{edge_port}",
+            "--data",
+            str(tmp_path),
+        ),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -44,7 +52,12 @@ def test_dev_serves_a_sample_and_stops_cleanly(tmp_path: Path) -> None:
             assert response.status == 200
             document = json.loads(response.read())
             assert document["questions"][0]["stem"]["hi"]
-            assert response.headers["Surrogate-Key"].startswith("bundle:")
+            assert "fwd=uri-miss" in response.headers["Cache-Status"]
+        edge_url = by_label["edge"].split()[1]
+        assert sample_url.startswith(edge_url)
+        with urllib.request.urlopen(sample_url, timeout=10) as response:
+            assert "hit" in response.headers["Cache-Status"]
+            assert "Surrogate-Key" not in response.headers
         # The generated upload token is printed, and it works.
         token = by_label["upload"].split("KSHIPRA_UPLOAD_TOKEN=")[1].split()[0]
         request = urllib.request.Request(

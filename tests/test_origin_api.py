@@ -432,3 +432,21 @@ async def test_resumable_session_with_a_wrong_hash_is_discarded(origin: Client) 
     gone = await origin.get(f"/v1/uploads/{upload_id}", headers=AUTH)
     assert gone.status == 404
     assert await stored_keys(origin) == []
+
+
+async def test_resumable_upload_into_an_asset_of_another_kind_is_refused_at_part_one(
+    origin: Client,
+) -> None:
+    await upload(origin, png_bytes(), id="taken-by-image")
+    data = b"\x1a\x45\xdf\xa3" + b"\1" * (BLOCK_BYTES + 10)
+    request = {"size_bytes": len(data), "content_hash": tree_hash(data), "id": "taken-by-image"}
+    created = await origin.post("/v1/uploads", json=request, headers=AUTH)
+    upload_id = (await created.json())["upload"]["upload_id"]
+    part = await origin.put(
+        f"/v1/uploads/{upload_id}/parts/1", data=data[:BLOCK_BYTES], headers=AUTH
+    )
+    await assert_error(part, 409, "kind_conflict")
+    gone = await origin.get(f"/v1/uploads/{upload_id}", headers=AUTH)
+    assert gone.status == 404
+    keys = await stored_keys(origin)
+    assert len([key for key in keys if key.startswith("sources/")]) == 1
