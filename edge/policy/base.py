@@ -165,11 +165,18 @@ class SizeBookedPolicy(ABC):
 
     def _insert_new(self, key: str, size_bytes: int) -> list[str]:
         """Evict until ``key`` fits, then admit it (``size_bytes <= capacity_bytes``)."""
+        # _evict_down_to, inlined: this is the path of every miss.
+        sizes, pop_victim = self._sizes, self._pop_victim
         limit_bytes = self.capacity_bytes - size_bytes
-        evicted = self._evict_down_to(limit_bytes) if self._used_bytes > limit_bytes else []
+        used_bytes = self._used_bytes
+        evicted: list[str] = []
+        while used_bytes > limit_bytes:
+            victim = pop_victim()
+            used_bytes -= sizes.pop(victim)
+            evicted.append(victim)
         self._admit(key, size_bytes)
-        self._sizes[key] = size_bytes
-        self._used_bytes += size_bytes
+        sizes[key] = size_bytes
+        self._used_bytes = used_bytes + size_bytes
         return evicted
 
     def _evict_down_to(self, limit_bytes: int) -> list[str]:
@@ -199,7 +206,8 @@ class SizeBookedPolicy(ABC):
         """Pick a present key, drop it from the policy's own structures, and return it.
 
         Called only while ``used_bytes > 0``, so some key is present; the key is still in
-        ``self._sizes`` during the call.
+        ``self._sizes`` during the call, but ``self._used_bytes`` is brought up to date only
+        after the eviction loop, so a policy must not read it here.
         """
 
     @abstractmethod

@@ -20,11 +20,11 @@ the one with the lower sketched frequency is evicted, the candidate losing ties.
 can be the key being inserted, so :meth:`insert` may refuse it.
 
 The sketch has four rows of 4-bit saturating counters (values 0..15) and halves every counter
-after ``10 x`` as many increments as the cache holds keys. Its width follows the number of
-cached keys: when the cache outgrows it, it is re-sized (as Caffeine re-sizes its sketch) and
-the cached keys' estimates are carried over. Row indices come from Python's ``hash``, which
-is salted per process, so an attacker cannot craft keys that collide in the sketch; the cost
-is that runs differ very slightly.
+after 10 increments per key it is sized for (TinyLFU's "reset", Caffeine's sample size). Its
+width follows the number of cached keys: when the cache outgrows it, it is re-sized (as
+Caffeine re-sizes its sketch) and the cached keys' estimates are carried over. Row indices
+come from Python's ``hash``, which is salted per process, so an attacker cannot craft keys
+that collide in the sketch; the cost is that runs differ very slightly.
 """
 
 from __future__ import annotations
@@ -128,7 +128,12 @@ class CountMinSketch:
 
 
 class TinyLFUPolicy(SizeBookedPolicy):
-    """Window LRU + segmented LRU main + TinyLFU admission (Einziger et al.; Caffeine)."""
+    """Window LRU + segmented LRU main + TinyLFU admission (Einziger et al.; Caffeine).
+
+    ``window_ratio`` and ``protected_ratio`` are Caffeine's defaults (its hill climber, which
+    resizes the window at run time, is not implemented). ``expected_object_bytes`` only sizes
+    the sketch up front; it grows with the key count anyway.
+    """
 
     __slots__ = (
         "_probation",
@@ -220,20 +225,15 @@ class TinyLFUPolicy(SizeBookedPolicy):
 
         evicted: list[str] = []
         pending = 0  # candidates[pending:] still await a verdict
-        capacity = self.capacity_bytes
-        sketch = self._sketch
+        capacity, frequency = self.capacity_bytes, self._sketch.frequency
         while self._used_bytes > capacity:
-            candidate = candidates[pending] if pending < len(candidates) else None
-            victim = next(iter(probation), None)
-            if victim is not None and victim == candidate:  # probation holds only candidates
-                victim = next(iter(self._protected), None)
-                if victim is None:
-                    victim = next(iter(window), None)
-            if candidate is None:
+            if pending == len(candidates):
                 loser = self._pop_victim()
             else:
+                candidate = candidates[pending]
                 pending += 1
-                if victim is not None and sketch.frequency(candidate) > sketch.frequency(victim):
+                victim = self._victim_for(candidate)
+                if victim is not None and frequency(candidate) > frequency(victim):
                     loser = victim
                     self._drop(victim)
                 else:
@@ -242,6 +242,15 @@ class TinyLFUPolicy(SizeBookedPolicy):
             self._used_bytes -= sizes.pop(loser)
             evicted.append(loser)
         return evicted
+
+    def _victim_for(self, candidate: str) -> str | None:
+        """Probation's LRU key; protected's or the window's when probation holds only
+        candidates (Caffeine's order)."""
+        for segment in (self._probation, self._protected, self._window):
+            victim = next(iter(segment), None)
+            if victim is not None and victim != candidate:
+                return victim
+        return None
 
     def _drop(self, key: str) -> None:
         """Take a present key out of its segment (not out of the books)."""
