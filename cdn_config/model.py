@@ -148,6 +148,27 @@ class MediaConfig(_Section):
     """Path to ffmpeg; unset means the binary shipped in the imageio-ffmpeg wheel."""
 
 
+class TranscodeConfig(_Section):
+    """What workers make of uploads, and how their jobs run."""
+
+    image_widths: tuple[int, ...] = (320, 640, 1280)
+    bundle_previous_versions: int = Field(default=3, ge=0, le=16)
+    """Deltas (RFC 9842 ``dcz``) against this many earlier versions of a bundle."""
+    ladder_name: Literal["lecture"] = "lecture"
+    job_timeout_s: int = Field(default=3 * 3600, gt=0)
+    heartbeat_s: int = Field(default=30, ge=2)
+    """A job whose worker is silent this long is taken over by another worker."""
+    retries: int = Field(default=4, ge=1, le=20)
+    concurrency: int = Field(default=1, ge=1, le=64)
+
+    @field_validator("image_widths")
+    @classmethod
+    def _widths_ok(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(width < 16 or width > 8192 for width in value):
+            raise ValueError("image widths are 16-8192 pixels, at least one")
+        return tuple(sorted(set(value)))
+
+
 class EdgeConfig(_Section):
     name: str
     city: str
@@ -233,6 +254,7 @@ class KshipraConfig(_Section):
     origin: OriginConfig = OriginConfig()
     redis: RedisConfig = RedisConfig()
     media: MediaConfig = MediaConfig()
+    transcode: TranscodeConfig = TranscodeConfig()
     edges: tuple[EdgeConfig, ...] = ()
     cache_rules: tuple[CacheRule, ...] = Field(default_factory=_default_cache_rules)
     secrets: Secrets = Secrets()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import re
@@ -83,6 +84,13 @@ from origin.delivery import (
 log = logging.getLogger(__name__)
 
 MAX_UNSAFE_BODY_BYTES = 64 * 1024 * 1024
+MAX_HEADER_BLOCK_BYTES = 32 * 1024
+REQUEST_BODY_TIMEOUT_S = 30.0
+FLEET_HEADER = "Kshipra-Edge-Key"
+"""Sent by an edge to its parent. A parent that recognises the key (derived from the purge
+token, which every edge of one fleet shares) keeps the CDN-only fields — cache tags and
+CDN-Cache-Control — in its answer, so edges behind a shield can purge by tag and use the edge
+TTLs. Anyone else gets them stripped."""
 ERROR_BODY_LIMIT_BYTES = 256 * 1024
 SENDFILE_CHUNK_BYTES = 256 * 1024
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
@@ -93,8 +101,8 @@ class EdgeSettings:
     name: str
     upstream_url: str
     cache_host: str | None = None
-    """Host used in cache keys and sent upstream; default: the upstream's authority. Never
-    the client's Host header."""
+    """Host used in cache keys; default: the upstream's authority. Never the client's Host
+    header (upstream always receives its own authority as Host)."""
     memory_bytes: int = 256 * 1024**2
     memory_max_object_bytes: int = 2 * 1024**2
     disk_dir: Path | None = None
@@ -167,6 +175,8 @@ def forwarded_request_headers(request: web.Request, *, encoding: str) -> list[tu
         "content-length",
         "expect",
         "x-forwarded-host",
+        "forwarded",
+        FLEET_HEADER.lower(),
     }
     headers = [
         (key, value)
@@ -182,12 +192,21 @@ class Edge:
 
     def __init__(self, settings: EdgeSettings) -> None:
         self.settings = settings
+        self.metrics = EdgeMetrics(self)  # reads the tiers lazily, at scrape time
         self.upstream = Upstream(
             settings.upstream_url,
             timeout_s=settings.upstream_timeout_s,
             max_connections=settings.max_upstream_connections,
+            on_body_bytes=self.metrics.bytes_from_upstream,
         )
         self.host = settings.cache_host or self.upstream.host_header
+        self.fleet_key = (
+            None
+            if settings.purge_token is None
+            else hmac.new(settings.purge_token.encode(), b"kshipra-fleet", "sha256").hexdigest()[
+                :32
+            ]
+        )
         memory = MemoryTier(
             capacity_bytes=settings.memory_bytes,
             policy=make_policy(settings.policy, settings.memory_bytes),
@@ -201,7 +220,6 @@ class Edge:
                 policy=make_policy(settings.policy, settings.disk_bytes),
             )
         self.cache = TieredCache(memory, disk)
-        self.metrics = EdgeMetrics(self)
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
         self._hit_for_miss: dict[str, float] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -233,9 +251,26 @@ class Edge:
         if self.cache.disk is not None:
             await self.cache.disk.close()
 
+    def _forward(self, request: web.Request, *, encoding: str) -> list[tuple[str, str]]:
+        headers = forwarded_request_headers(request, encoding=encoding)
+        if self.fleet_key is not None:
+            headers.append((FLEET_HEADER, self.fleet_key))
+        return headers
+
+    def from_fleet(self, request: web.Request) -> bool:
+        """The request comes from one of our own edges (see :data:`FLEET_HEADER`)."""
+        offered = request.headers.get(FLEET_HEADER)
+        return (
+            offered is not None
+            and self.fleet_key is not None
+            and hmac.compare_digest(offered.encode(), self.fleet_key.encode())
+        )
+
     # ---- recv ----------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.version < (1, 0):
+            return error_response(400, "HTTP/0.9 requests are not supported")
         try:
             target = normalise_target(request.raw_path)
         except BadTarget as exc:
@@ -384,7 +419,7 @@ class Edge:
         return web.Response(status=outcome.status, headers=headers, body=outcome.body)
 
     def _upstream_headers(self, request: web.Request, stale: Hit | None) -> list[tuple[str, str]]:
-        headers = forwarded_request_headers(
+        headers = self._forward(
             request, encoding=preferred_encoding(request.headers.getall("Accept-Encoding", []))
         )
         if stale is not None and stale.meta.kind == "full":
@@ -579,7 +614,7 @@ class Edge:
         meta = index.meta
         start = number * meta.slice_bytes
         end = min(start + meta.slice_bytes, meta.total_bytes) - 1
-        headers = forwarded_request_headers(request, encoding="identity")
+        headers = self._forward(request, encoding="identity")
         headers.append(("Range", f"bytes={start}-{end}"))
         if meta.etag:
             headers.append(("If-Match", meta.etag))
@@ -625,7 +660,7 @@ class Edge:
     async def pass_get(
         self, request: web.Request, target: Target, *, fwd: str
     ) -> web.StreamResponse:
-        headers = forwarded_request_headers(
+        headers = self._forward(
             request, encoding=preferred_encoding(request.headers.getall("Accept-Encoding", []))
         )
         for name in ("Range", "If-Range", "If-None-Match", "If-Modified-Since"):
@@ -646,7 +681,9 @@ class Edge:
     async def stream_passed(
         self, request: web.Request, response: UpstreamResponse, *, fwd: str, detail: str
     ) -> web.StreamResponse:
-        headers = CIMultiDict(_deliverable(response.headers))
+        headers = CIMultiDict(
+            _deliverable(response.headers, keep_edge_fields=self.from_fleet(request))
+        )
         headers["Cache-Status"] = (
             f"{self.settings.name}; fwd={fwd}; fwd-status={response.status}; detail={detail}"
         )
@@ -673,11 +710,16 @@ class Edge:
             return error_response(
                 413, f"request bodies through the edge are limited to {MAX_UNSAFE_BODY_BYTES} bytes"
             )
-        body = await request.read() if request.can_read_body else None
+        try:
+            async with asyncio.timeout(REQUEST_BODY_TIMEOUT_S):
+                body = await request.read() if request.can_read_body else None
+        except TimeoutError:
+            return error_response(408, "the request body did not arrive in time")
         headers = [
             (k, v)
             for k, v in strip_hop_by_hop(list(request.headers.items()))
-            if k.lower() not in ("host", "content-length", "x-forwarded-host")
+            if k.lower()
+            not in ("host", "content-length", "x-forwarded-host", "forwarded", FLEET_HEADER.lower())
         ]
         try:
             response = await self.upstream.request(
@@ -721,11 +763,16 @@ class Edge:
     def _cache_status(self, status: str) -> str:
         return f"{self.settings.name}; {status}"
 
-    def _response_headers(self, meta: EntryMeta, now: float, cache_status: str) -> CIMultiDict[str]:
+    def _response_headers(
+        self, meta: EntryMeta, now: float, cache_status: str, *, keep_edge_fields: bool
+    ) -> CIMultiDict[str]:
         headers: CIMultiDict[str] = CIMultiDict()
         for key, value in meta.headers:
             lowered = key.lower()
-            if lowered in EDGE_ONLY or lowered in ("age", "content-length"):
+            if (lowered in EDGE_ONLY and not keep_edge_fields) or lowered in (
+                "age",
+                "content-length",
+            ):
                 continue
             headers.add(key, value)
         freshness = meta.freshness(now)
@@ -743,7 +790,9 @@ class Edge:
         meta = hit.meta
         if meta.kind == "full" and meta.status == 200 and "Range" not in request.headers:
             hit, meta = await self._encoded_variant(request, hit)
-        headers = self._response_headers(meta, now, status)
+        headers = self._response_headers(
+            meta, now, status, keep_edge_fields=self.from_fleet(request)
+        )
         compressible = is_compressible(meta.header("content-type")) and meta.header(
             "content-encoding"
         ) in (None, *("br", "gzip"))
@@ -815,8 +864,14 @@ class Edge:
         try:
             handle = await self.cache.open_body(hit)
         except (CorruptEntryError, FileNotFoundError):
-            return error_response(
-                503, "a cached copy failed its checksum; retry", **{"Retry-After": "0"}
+            # The tier dropped the bad copy: this is a miss, answered from upstream.
+            return await self.fetch_and_deliver(
+                request,
+                normalise_target(request.raw_path),
+                hit.meta.url_key or hit.key,
+                None,
+                request_controls(list(request.headers.items())),
+                fwd="miss",
             )
         return await self._sendfile(request, handle, headers, status, start, length)
 
@@ -984,8 +1039,12 @@ def _close_passed(future: asyncio.Future[Outcome]) -> None:
             outcome.response.close()
 
 
-def _deliverable(headers: Headers) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in strip_hop_by_hop(headers) if k.lower() not in EDGE_ONLY]
+def _deliverable(headers: Headers, *, keep_edge_fields: bool = False) -> list[tuple[str, str]]:
+    return [
+        (k, v)
+        for k, v in strip_hop_by_hop(headers)
+        if keep_edge_fields or k.lower() not in EDGE_ONLY
+    ]
 
 
 def _with_length(headers: tuple[tuple[str, str], ...], length: int) -> tuple[tuple[str, str], ...]:
@@ -1036,9 +1095,21 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await edge.stop()
 
 
+@web.middleware
+async def header_limits(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp limits each header line; we also limit the whole block (RFC 6585 431)."""
+    size = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
+    if size > MAX_HEADER_BLOCK_BYTES:
+        return error_response(431, f"request headers exceed {MAX_HEADER_BLOCK_BYTES} bytes")
+    return await handler(request)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 def create_app(settings: EdgeSettings) -> web.Application:
     """The edge application: ``/healthz``, ``/metrics`` and everything else proxied."""
-    app = web.Application(client_max_size=MAX_UNSAFE_BODY_BYTES)
+    app = web.Application(client_max_size=MAX_UNSAFE_BODY_BYTES, middlewares=[header_limits])
     app[EDGE] = Edge(settings)
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_get("/healthz", healthz, allow_head=True)

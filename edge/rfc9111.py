@@ -128,10 +128,7 @@ class Directives:
         """A delta-seconds directive; an unparseable value counts as 0 (treat as stale)."""
         if name not in self.items:
             return None
-        raw = self.items[name]
-        if raw is None or not raw.isdigit():
-            return 0
-        return min(int(raw), MAX_DELTA_SECONDS)
+        return delta_seconds(self.items[name])
 
     def field_names(self, name: str) -> frozenset[str] | None:
         """For ``no-cache="a, b"`` / ``private="a"``: the lowercase field names, or ``None``
@@ -146,6 +143,15 @@ class Directives:
 
 
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def delta_seconds(raw: str | None) -> int:
+    """RFC 9111 §1.2.2 delta-seconds: ASCII digits only (anything else counts as 0, i.e.
+    stale), capped at 2^31 however many digits arrive."""
+    if raw is None or not raw.isascii() or not raw.isdigit():
+        return 0
+    significant = raw.lstrip("0") or "0"
+    return MAX_DELTA_SECONDS if len(significant) > 10 else min(int(significant), MAX_DELTA_SECONDS)
 
 
 def parse_directives(values: Iterable[str]) -> Directives:
@@ -293,7 +299,7 @@ def initial_age_s(response_headers: Headers, *, request_time: float, response_ti
     date = parse_http_date(get_one(response_headers, "date"))
     apparent_age = max(0.0, response_time - date) if date is not None else 0.0
     age_text = get_one(response_headers, "age")
-    age_value = int(age_text) if age_text and age_text.strip().isdigit() else 0
+    age_value = delta_seconds(age_text.strip()) if age_text else 0
     response_delay = max(0.0, response_time - request_time)
     corrected_age_value = age_value + response_delay
     return max(apparent_age, corrected_age_value)

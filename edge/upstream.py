@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,10 +36,13 @@ class UpstreamResponse:
     request_time: float
     response_time: float
     _response: aiohttp.ClientResponse
+    _on_bytes: Callable[[int], None] | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._response.content.iter_chunked(READ_CHUNK_BYTES):
+                if self._on_bytes is not None:
+                    self._on_bytes(len(chunk))
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamError("reset", f"upstream body failed: {exc}") from exc
@@ -62,7 +65,15 @@ class UpstreamResponse:
 class Upstream:
     """A pooled HTTP client for one upstream base URL."""
 
-    def __init__(self, base_url: str, *, timeout_s: float, max_connections: int) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float,
+        max_connections: int,
+        on_body_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self._on_body_bytes = on_body_bytes
         self.base_url = URL(base_url.rstrip("/"))
         self.host_header = self.base_url.raw_authority
         self._timeout = aiohttp.ClientTimeout(
@@ -118,4 +129,5 @@ class Upstream:
             request_time=request_time,
             response_time=time.time(),
             _response=response,
+            _on_bytes=self._on_body_bytes,
         )

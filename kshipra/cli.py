@@ -7,6 +7,7 @@ import click
 from edge.cli import edge_command
 from kshipra.dev import dev_command
 from origin.cli import jobs_command, origin_command, status_command, upload_command
+from transcode.cli import worker_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,6 +19,7 @@ def main() -> None:
 main.add_command(dev_command)
 main.add_command(origin_command)
 main.add_command(edge_command)
+main.add_command(worker_command)
 main.add_command(upload_command)
 main.add_command(jobs_command)
 main.add_command(status_command)

@@ -3,6 +3,7 @@ embedded Valkey. Ctrl-C stops it all."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import sys
@@ -20,6 +21,12 @@ from kshipra.terminal import Terminal
 
 SAMPLE_BUNDLE = "neet-chemistry-mole-concept.json"
 SAMPLE_ID = "sample-chem-mole"
+
+
+def with_worker(app: Any, context: Any) -> Any:
+    """The origin app, also running a transcode worker for its lifetime."""
+    app.cleanup_ctx.append(context)
+    return app
 
 
 def _token(variable: str, terminal: Terminal) -> str:
@@ -48,6 +55,20 @@ async def _upload_sample(origin_url: str, token: str) -> dict[str, Any]:
         return answer
 
 
+async def _wait_for_latest(origin_url: str, token: str, asset_id: str) -> str:
+    """The sample's latest URL once the worker has published it."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+        for _ in range(600):
+            async with session.get(f"{origin_url}/v1/assets/{asset_id}") as response:
+                asset = await response.json()
+            if asset["status"] == "published":
+                return str(asset["urls"]["latest"])
+            if asset["status"] == "failed":
+                raise RuntimeError(f"the sample failed to process: {asset['status_reason']}")
+            await asyncio.sleep(0.1)
+    raise RuntimeError("the sample was not processed within a minute")
+
+
 @click.command("dev")
 @click.option("--origin-listen", default="127.0.0.1:8080", show_default=True)
 @click.option(
@@ -65,13 +86,14 @@ async def _upload_sample(origin_url: str, token: str) -> dict[str, Any]:
     help="Storage, Valkey data and caches",
 )
 def dev_command(origin_listen: str, edge_listen: str, data_dir: Path) -> None:
-    """Run origin and edge (and the worker once it lands) on loopback with an embedded
-    Valkey, upload a sample question bank, and print the URLs."""
+    """Run origin, worker and edge on loopback with an embedded Valkey, upload a sample
+    question bank, and print the URLs."""
     # Imported here so `kshipra --help` and the client commands start fast.
     from cdn_config import ConfigError, load_config  # noqa: PLC0415
     from edge.app import EdgeSettings  # noqa: PLC0415
     from edge.app import create_app as create_edge_app  # noqa: PLC0415
     from origin.app import create_app  # noqa: PLC0415
+    from transcode.worker import worker_context  # noqa: PLC0415
 
     terminal = Terminal()
     try:
@@ -112,11 +134,12 @@ def dev_command(origin_listen: str, edge_listen: str, data_dir: Path) -> None:
     async def ready(urls: list[str]) -> None:
         origin_url, edge_url = urls
         answer = await _upload_sample(origin_url, upload_token)
-        latest = answer["asset"]["urls"]["latest"]
+        latest = await _wait_for_latest(origin_url, upload_token, answer["asset"]["id"])
         through_edge = edge_url + latest.removeprefix(origin_url)
         terminal.result(f"origin   {origin_url}   (storage {data_dir / 'storage'})")
         terminal.result(f"edge     {edge_url}   (cache {data_dir / 'edge-cache'})")
         terminal.result(f"valkey   {redis_url}   (embedded, pid {valkey.pid})")
+        terminal.result("worker   1 (in this process)")
         terminal.result(f"sample   {through_edge}")
         terminal.result(f"try      curl -si --compressed {through_edge} | grep -i cache-status")
         terminal.result(
@@ -129,7 +152,11 @@ def dev_command(origin_listen: str, edge_listen: str, data_dir: Path) -> None:
         run(
             serve_apps(
                 [
-                    (create_app(config), host, port),
+                    (
+                        with_worker(create_app(config), worker_context(config, concurrency=1)),
+                        host,
+                        port,
+                    ),
                     (create_edge_app(edge_settings), edge_host, edge_port),
                 ],
                 on_ready=ready,

@@ -17,13 +17,14 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from saq import Queue
 
 from cdn_config import KshipraConfig
 from origin.blobstore import BlobStore, StorageError, open_blob_store
@@ -32,6 +33,7 @@ from origin.catalogue import (
     Catalogue,
     Manifest,
     Rendition,
+    Version,
     asset_id_from_filename,
     asset_urls,
     validate_asset_id,
@@ -54,6 +56,15 @@ from origin.errors import (
     Unauthorized,
 )
 from origin.ingest import Ingest, PublishResult, check_kind, check_tags, session_view
+from transcode.jobs import (
+    JobLimits,
+    TranscodeSubmitter,
+    job_key,
+    make_queue,
+    pipeline_settings,
+    profile_id,
+    progress_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +73,7 @@ STORE = web.AppKey("store", BlobStore)
 REDIS = web.AppKey("redis", aioredis.Redis)
 CATALOGUE = web.AppKey("catalogue", Catalogue)
 INGEST = web.AppKey("ingest", Ingest)
+QUEUE = web.AppKey("queue", Queue)
 RULES = web.AppKey("rules", RuleMatcher)
 
 STREAM_CHUNK_BYTES = 256 * 1024
@@ -162,17 +174,20 @@ def _base_url(request: web.Request) -> str:
 
 def asset_view(manifest: Manifest, base_url: str) -> dict[str, Any]:
     current = manifest.current
+    newest = manifest.newest
     return {
         "id": manifest.id,
         "kind": manifest.kind,
         "status": manifest.status,
         "status_reason": manifest.status_reason,
         "tags": [manifest.cache_tag, *manifest.tags],
-        "version": current.version,
+        "version": None if current is None else current.version,
+        "newest_version": newest.version,
+        "newest_state": newest.state,
         "versions": [v.version for v in manifest.versions],
-        "content_hash": current.source.content_hash,
-        "size_bytes": current.source.size_bytes,
-        "format": current.source.format,
+        "content_hash": newest.source.content_hash,
+        "size_bytes": newest.source.size_bytes,
+        "format": newest.source.format,
         "created_at": manifest.created_at.isoformat(),
         "updated_at": manifest.updated_at.isoformat(),
         "urls": asset_urls(manifest, base_url),
@@ -231,7 +246,52 @@ async def show_asset(request: web.Request) -> web.Response:
         raise NotFound("unknown_asset", f"no asset {asset_id!r}")
     view = asset_view(manifest, _base_url(request))
     view["manifest"] = manifest.model_dump(mode="json")
+    view["processing"] = await _processing(request, manifest)
     return web.json_response(view)
+
+
+async def _processing(request: web.Request, manifest: Manifest) -> dict[str, Any] | None:
+    """Progress of the newest version's job, while it runs."""
+    newest = manifest.newest
+    if newest.state != "processing":
+        return None
+    settings = pipeline_settings(request.app[CONFIG], manifest, newest)
+    key = job_key(manifest.kind, newest.source.content_hash, profile_id(manifest.kind, settings))
+    progress = await progress_of(request.app[REDIS], key)
+    job = await request.app[QUEUE].job(key)
+    return {
+        "job": key,
+        "job_status": None if job is None else str(job.status),
+        "attempts": None if job is None else job.attempts,
+        **(progress or {"stage": "queued", "percent": 0.0, "eta_s": None}),
+    }
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """``GET /v1/jobs``: the transcode queue's jobs and their states."""
+    info = await request.app[QUEUE].info(jobs=True, limit=int(request.query.get("limit", "100")))
+    jobs = []
+    for job in info.get("jobs", []):
+        key = job.get("key", "")
+        jobs.append(
+            {
+                "key": key,
+                "status": job.get("status"),
+                "attempts": job.get("attempts"),
+                "progress": await progress_of(request.app[REDIS], key),
+                "error": job.get("error"),
+                "kwargs": {k: v for k, v in (job.get("kwargs") or {}).items() if k != "settings"},
+            }
+        )
+    return web.json_response(
+        {
+            "queued": info.get("queued"),
+            "active": info.get("active"),
+            "scheduled": info.get("scheduled"),
+            "workers": len(info.get("workers", {})),
+            "jobs": jobs,
+        }
+    )
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -339,16 +399,16 @@ async def _resolve(request: web.Request) -> tuple[Manifest, Rendition, int, bool
     if asset_id not in (None, "") and not re.match(r"^[a-z0-9][a-z0-9._-]{0,99}$", asset_id):
         raise NotFound("not_found", f"nothing is published at {request.path}")
     manifest = await request.app[CATALOGUE].get(asset_id)
-    if manifest is None or manifest.kind != match["kind"] or manifest.status == "failed":
+    if manifest is None or manifest.kind != match["kind"]:
         raise NotFound("not_found", f"nothing is published at {request.path}")
     if match["version"] is not None:
         version = manifest.version(int(match["version"]))
         rendition = version.renditions.get(match["name"]) if version else None
-        if version is None or rendition is None:
+        if version is None or rendition is None or version.state != "published":
             raise NotFound("not_found", f"nothing is published at {request.path}")
         return manifest, rendition, version.version, True
     current = manifest.current
-    if not current.primary.endswith(f".{match['ext']}"):
+    if current is None or not current.primary.endswith(f".{match['ext']}"):
         raise NotFound("not_found", f"nothing is published at {request.path}")
     return manifest, current.renditions[current.primary], current.version, False
 
@@ -366,6 +426,10 @@ class Delivery:
     headers: dict[str, str]
     resolved_at: float
     immutable: bool
+    alternates: dict[str, Delivery] = field(default_factory=dict)
+    """Stored content codings of the same representation (``br``, ``gzip``)."""
+    dictionaries: dict[str, Delivery] = field(default_factory=dict)
+    """``dcz`` deltas by the ``Available-Dictionary`` value they need."""
 
 
 class ContentCache:
@@ -426,27 +490,84 @@ async def _delivery_for(request: web.Request) -> Delivery:
     manifest, rendition, version_number, immutable = await _resolve(request)
     version = manifest.version(version_number)
     assert version is not None
-    headers = {
-        "ETag": rendition.etag,
+    common = {
         "Last-Modified": format_http_date(version.created_at),
         "Accept-Ranges": "bytes",
-        "Content-Type": rendition.content_type,
         **cache_headers(
             immutable=immutable,
             policy=request.app[RULES].match(request.path),
             tags=[manifest.cache_tag, *manifest.tags],
         ),
     }
-    delivery = Delivery(
-        key=rendition.key,
-        size_bytes=rendition.size_bytes,
-        etag=rendition.etag,
-        last_modified=version.created_at,
-        headers=headers,
-        resolved_at=now,
-        immutable=immutable,
-    )
+
+    def plan(chosen: Rendition, extra: dict[str, str] | None = None) -> Delivery:
+        headers = {"ETag": chosen.etag, "Content-Type": chosen.content_type, **common}
+        if chosen.content_encoding:
+            headers["Content-Encoding"] = chosen.content_encoding
+        headers.update(extra or {})
+        return Delivery(
+            key=chosen.key,
+            size_bytes=chosen.size_bytes,
+            etag=chosen.etag,
+            last_modified=version.created_at,
+            headers=headers,
+            resolved_at=now,
+            immutable=immutable,
+        )
+
+    delivery = plan(rendition)
+    if (
+        manifest.kind == "bundle"
+        and rendition.key == version.renditions.get(BUNDLE_IDENTITY, rendition).key
+    ):
+        delivery = _bundle_negotiation(manifest, version, plan)
     cache.remember(request.path, delivery)
+    return delivery
+
+
+BUNDLE_IDENTITY = "bundle.json"
+
+
+def _bundle_negotiation(
+    manifest: Manifest, version: Version, plan: Callable[..., Delivery]
+) -> Delivery:
+    """A bundle's identity URL offers its stored encodings: Brotli 11, gzip -9, and RFC 9842
+    ``dcz`` deltas against earlier versions the app may hold (``Available-Dictionary``).
+    Every answer says it can serve as a dictionary for the next version."""
+    extra = {
+        "Vary": "Accept-Encoding, Available-Dictionary",
+        "Use-As-Dictionary": f'match="/content/bundles/{manifest.id}/*"',
+    }
+    identity = plan(version.renditions[BUNDLE_IDENTITY], extra)
+    alternates = {}
+    for coding, suffix in (("br", ".br"), ("gzip", ".gz")):
+        stored = version.renditions.get(BUNDLE_IDENTITY + suffix)
+        if stored is not None:
+            alternates[coding] = plan(stored, extra)
+    dictionaries = {}
+    for delta in version.details.get("deltas", []):
+        stored = version.renditions.get(str(delta.get("file")))
+        if stored is not None and delta.get("available_dictionary"):
+            dictionaries[str(delta["available_dictionary"])] = plan(stored, extra)
+    return replace(identity, alternates=alternates, dictionaries=dictionaries)
+
+
+def negotiate(delivery: Delivery, request_headers: Any) -> Delivery:
+    """Pick the stored encoding for this request (RFC 9110 §12.5.3, RFC 9842)."""
+    if not delivery.alternates and not delivery.dictionaries:
+        return delivery
+    accepted = {
+        item.split(";")[0].strip().lower(): item
+        for value in request_headers.getall("Accept-Encoding", [])
+        for item in value.split(",")
+        if item.strip() and not re.search(r";\s*q=0(\.0*)?\s*$", item)
+    }
+    available = request_headers.get("Available-Dictionary", "").strip()
+    if "dcz" in accepted and available in delivery.dictionaries:
+        return delivery.dictionaries[available]
+    for coding in ("br", "gzip"):
+        if coding in accepted and coding in delivery.alternates:
+            return delivery.alternates[coding]
     return delivery
 
 
@@ -454,7 +575,7 @@ _CONDITIONAL_HEADERS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Un
 
 
 async def serve_content(request: web.Request) -> web.StreamResponse:
-    delivery = await _delivery_for(request)
+    delivery = negotiate(await _delivery_for(request), request.headers)
     headers = dict(delivery.headers)
     request_headers = request.headers
     if any(name in request_headers for name in _CONDITIONAL_HEADERS):
@@ -577,12 +698,28 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     app[REDIS] = redis_client
     app[CATALOGUE] = Catalogue(store)
+    queue = make_queue(config.redis.url)
+    await queue.connect()
+    app[QUEUE] = queue
+    submitter = TranscodeSubmitter(
+        queue=queue,
+        redis=redis_client,
+        store=store,
+        catalogue=app[CATALOGUE],
+        config=config,
+        limits=JobLimits(
+            timeout_s=config.transcode.job_timeout_s,
+            heartbeat_s=config.transcode.heartbeat_s,
+            retries=config.transcode.retries,
+        ),
+    )
     app[INGEST] = Ingest(
         store=store,
         catalogue=app[CATALOGUE],
         redis=redis_client,
         limits=config.origin.upload_limits,
         session_ttl_s=config.origin.upload_session_ttl_s,
+        submit=submitter,
     )
     try:
         removed = await app[INGEST].sweep_staging(older_than_s=STAGING_SWEEP_AGE_S)
@@ -591,6 +728,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     except StorageError as exc:
         log.warning("could not sweep staged uploads: %s", exc)
     yield
+    await queue.disconnect()
     await redis_client.aclose()
     await store.close()
 
@@ -610,6 +748,7 @@ def create_app(config: KshipraConfig) -> web.Application:
     app.router.add_post("/v1/assets", upload_asset)
     app.router.add_get("/v1/assets", list_assets)
     app.router.add_get("/v1/assets/{asset_id}", show_asset)
+    app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_post("/v1/uploads", create_upload)
     app.router.add_get("/v1/uploads/{upload_id}", show_upload)
     app.router.add_delete("/v1/uploads/{upload_id}", abort_upload)

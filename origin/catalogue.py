@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -63,6 +63,8 @@ class Rendition(BaseModel):
     content_type: str
     etag: str
     """Strong entity tag with quotes, derived from the content hash."""
+    content_encoding: str | None = None
+    """``br``, ``gzip`` or ``dcz`` for pre-compressed files."""
 
 
 class SourceRecord(BaseModel):
@@ -85,6 +87,13 @@ class Version(BaseModel):
     renditions: dict[str, Rendition]
     primary: str
     """The rendition a ``latest`` URL serves."""
+    state: Status = "published"
+    """``processing`` until the worker's outputs are in; only published versions are
+    served."""
+    state_reason: str | None = None
+    published_at: datetime | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+    """What the pipeline reported (ladder rungs, image sizes, bundle facts)."""
 
 
 class Manifest(BaseModel):
@@ -97,7 +106,9 @@ class Manifest(BaseModel):
     tags: list[str] = Field(default_factory=list)
     created_at: datetime
     updated_at: datetime
-    current_version: int
+    current_version: int | None
+    """The newest *published* version: what ``latest`` serves. ``None`` until the first
+    version is processed."""
     versions: list[Version]
 
     def version(self, number: int) -> Version | None:
@@ -107,10 +118,13 @@ class Manifest(BaseModel):
         return None
 
     @property
-    def current(self) -> Version:
-        found = self.version(self.current_version)
-        assert found is not None, "manifest names a current version it does not hold"
-        return found
+    def current(self) -> Version | None:
+        return None if self.current_version is None else self.version(self.current_version)
+
+    @property
+    def newest(self) -> Version:
+        """The most recently uploaded version, whatever its state."""
+        return max(self.versions, key=lambda v: v.version)
 
     @property
     def cache_tag(self) -> str:
@@ -143,24 +157,38 @@ class AssetLayout:
 
     @staticmethod
     def source_rendition_name(kind: Kind, extension: str) -> str:
-        """Until transcoding lands, the source itself is the one rendition."""
-        return {"lecture": "source", "image": "original", "bundle": "bundle"}[
-            kind
-        ] + f".{extension}"
+        """The uploaded file as it came, kept beside the processed outputs."""
+        return f"source.{extension}"
+
+
+_UNLISTED_SUFFIXES = (".m4s", ".ts")
 
 
 def asset_urls(manifest: Manifest, base_url: str) -> dict[str, str]:
+    """The URLs worth showing for an asset's current version: ``latest``, ``versioned`` (the
+    main output), ``source``, and every output except media segments."""
     current = manifest.current
-    return {
+    if current is None:
+        return {}
+    main = str(current.details.get("primary", current.primary))
+
+    def url(name: str) -> str:
+        return base_url + AssetLayout.content_path(
+            manifest.kind, manifest.id, current.version, name
+        )
+
+    urls = {
         "latest": base_url + AssetLayout.latest_path(manifest.kind, manifest.id, current.primary),
-        "versioned": base_url
-        + AssetLayout.content_path(manifest.kind, manifest.id, current.version, current.primary),
-        **{
-            f"rendition:{name}": base_url
-            + AssetLayout.content_path(manifest.kind, manifest.id, current.version, name)
-            for name in current.renditions
-        },
+        "versioned": url(main),
     }
+    for name in sorted(current.renditions):
+        if name == current.primary and name != main:
+            continue
+        if name.endswith(_UNLISTED_SUFFIXES) or "-init." in name:
+            continue
+        label = "source" if name.startswith("source.") else f"rendition:{name}"
+        urls[label] = url(name)
+    return urls
 
 
 def now_utc() -> datetime:

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import click
 from rich.progress import (
@@ -15,6 +15,7 @@ from rich.progress import (
     DownloadColumn,
     Progress,
     TaskID,
+    TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -144,6 +145,8 @@ def _report_json(report: UploadReport) -> dict[str, Any]:
         "id": report.asset["id"],
         "kind": report.asset["kind"],
         "version": report.asset["version"],
+        "newest_version": report.asset["newest_version"],
+        "status": report.asset["status"],
         "created": report.created,
         "urls": report.asset["urls"],
         "upload": {
@@ -217,7 +220,21 @@ def upload_command(
                     max_rate_bytes_per_s=rate,
                 )
             if wait:
-                report.asset = await _wait_published(client, report.asset["id"])
+                version = int(report.asset["newest_version"])
+                if terminal.interactive:
+                    with Progress(
+                        TextColumn("{task.description}"),
+                        BarColumn(),
+                        TaskProgressColumn(),
+                        TimeRemainingColumn(),
+                        console=terminal.err,
+                    ) as progress:
+                        view = RichProcessingView(progress, f"process {path.name}")
+                        report.asset = await _wait_published(
+                            client, report.asset["id"], version, view
+                        )
+                else:
+                    report.asset = await _wait_published(client, report.asset["id"], version, None)
             return report
 
     try:
@@ -229,8 +246,14 @@ def upload_command(
         terminal.emit_json(_report_json(report))
         return
     asset = report.asset
-    verb = "published" if report.created else "already published"
-    terminal.result(f"{verb}: {asset['kind']} [bold]{asset['id']}[/] v{asset['version']}")
+    if asset["status"] == "published" and asset.get("version") is not None:
+        verb = "published" if report.created else "already published"
+        terminal.result(f"{verb}: {asset['kind']} [bold]{asset['id']}[/] v{asset['version']}")
+    else:
+        terminal.result(
+            f"uploaded: {asset['kind']} [bold]{asset['id']}[/] v{asset['newest_version']} "
+            f"({asset['newest_state']}; `kshipra status {asset['id']}` or --wait to follow)"
+        )
     if report.mode == "resumable" and report.resumed_parts:
         terminal.result(
             f"resumed: {report.resumed_parts} of {report.parts_total} parts were already there"
@@ -239,16 +262,40 @@ def upload_command(
         terminal.result(f"  {name:<22} {url}")
 
 
-async def _wait_published(client: OriginClient, asset_id: str) -> dict[str, Any]:
-    """Until transcoding exists an upload is published at once; this polls the catalogue so
-    scripts using --wait keep working when processing takes time."""
+class ProcessingView(Protocol):
+    def show(self, stage: str, percent: float) -> None: ...
+
+
+async def _wait_published(
+    client: OriginClient, asset_id: str, version: int, view: ProcessingView | None
+) -> dict[str, Any]:
+    """Poll the catalogue until *version* of the asset is published (or failed), showing the
+    worker's progress."""
     while True:
         asset = await client.asset(asset_id)
-        if asset["status"] == "published":
+        if asset.get("version") is not None and asset["version"] >= version:
+            if view is not None:
+                view.show("published", 100.0)
             return asset
-        if asset["status"] == "failed":
+        newest_state = asset.get("newest_state")
+        if asset.get("newest_version") == version and newest_state == "failed":
             raise BadInput(f"processing failed: {asset.get('status_reason')}")
-        await asyncio.sleep(1.0)
+        processing = asset.get("processing") or {}
+        if view is not None:
+            view.show(str(processing.get("stage", "queued")), float(processing.get("percent", 0)))
+        await asyncio.sleep(0.5)
+
+
+class RichProcessingView:
+    def __init__(self, progress: Progress, description: str) -> None:
+        self._progress = progress
+        self._task = progress.add_task(description, total=100.0)
+        self._description = description
+
+    def show(self, stage: str, percent: float) -> None:
+        self._progress.update(
+            self._task, completed=percent, description=f"{self._description} ({stage})"
+        )
 
 
 def _client_call(json_output: bool, origin_url: str | None, call: Any) -> Any:

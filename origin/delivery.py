@@ -138,7 +138,14 @@ class Unsatisfiable:
 
 
 RangeDecision = WholeBody | ByteSpan | Unsatisfiable
-_RANGE_SPEC_RE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+_RANGE_SPEC_RE = re.compile(r"^\s*([0-9]*)\s*-\s*([0-9]*)\s*$")
+_HUGE_POSITION = 10**18
+
+
+def _position(digits: str) -> int:
+    """A byte position from ASCII digits; absurdly long numbers are simply 'past the end'."""
+    significant = digits.lstrip("0") or "0"
+    return _HUGE_POSITION if len(significant) > 18 else int(significant)
 
 
 def _if_range_holds(if_range: str, etag: str, last_modified: datetime) -> bool:
@@ -178,14 +185,14 @@ def select_range(
         return Unsatisfiable(f"malformed Range header {range_header!r}")
     first_text, last_text = match.groups()
     if first_text == "":
-        suffix_length = int(last_text)
+        suffix_length = _position(last_text)
         if suffix_length == 0 or size_bytes == 0:
             return Unsatisfiable(f"range {range_header!r} selects no bytes of {size_bytes}")
         return ByteSpan(max(0, size_bytes - suffix_length), size_bytes - 1)
-    first = int(first_text)
-    if last_text and int(last_text) < first:
+    first = _position(first_text)
+    if last_text and _position(last_text) < first:
         return Unsatisfiable(f"malformed Range header {range_header!r}: last byte before first")
-    last = int(last_text) if last_text else size_bytes - 1
+    last = _position(last_text) if last_text else size_bytes - 1
     if first >= size_bytes:
         return Unsatisfiable(
             f"range {range_header!r} starts past the end of a {size_bytes}-byte representation"

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,7 +150,12 @@ class _Guard:
 class PublishResult:
     manifest: Manifest
     created: bool
-    """False when the same bytes were already the asset's current version."""
+    """False when the same bytes were already the asset's newest version."""
+    version: int
+
+
+Submit = Callable[[Manifest, Version], Awaitable[None]]
+"""Hands a new version to processing (the transcode queue)."""
 
 
 class SessionRecord(BaseModel):
@@ -192,7 +197,9 @@ class Ingest:
         redis: aioredis.Redis,
         limits: UploadLimits,
         session_ttl_s: int,
+        submit: Submit,
     ) -> None:
+        self._submit = submit
         self._store = store
         self._catalogue = catalogue
         self._redis = redis
@@ -276,7 +283,7 @@ class Ingest:
             async with self._redis.lock(
                 f"kshipra:lock:asset:{asset_id}", timeout=60, blocking_timeout=30
             ):
-                return await self._publish_locked(
+                result = await self._publish_locked(
                     staging_key,
                     sniffed=sniffed,
                     content_hash=content_hash,
@@ -285,6 +292,12 @@ class Ingest:
                     filename=filename,
                     tags=tags,
                 )
+            if result.created:
+                # Outside the lock: a job that already ran publishes under the same lock.
+                version = result.manifest.version(result.version)
+                assert version is not None
+                await self._submit(result.manifest, version)
+            return result
         finally:
             if not at_source:
                 await self._store.delete(staging_key)
@@ -306,14 +319,20 @@ class Ingest:
                 "kind_conflict",
                 f"asset {asset_id!r} is a {manifest.kind}; this upload is a {sniffed.kind}",
             )
-        if manifest is not None and manifest.current.source.content_hash == content_hash:
+        newest = manifest.newest if manifest is not None else None
+        if (
+            manifest is not None
+            and newest is not None
+            and newest.source.content_hash == content_hash
+            and newest.state != "failed"
+        ):
             new_tags = [tag for tag in tags if tag not in manifest.tags]
             if new_tags:
                 manifest = manifest.model_copy(
                     update={"tags": [*manifest.tags, *new_tags], "updated_at": now_utc()}
                 )
                 await self._catalogue.put(manifest)
-            return PublishResult(manifest, created=False)
+            return PublishResult(manifest, created=False, version=newest.version)
         source_key = AssetLayout.source_key(content_hash)
         if await self._store.head(source_key) is None:
             await self._store.move(staging_key, source_key)
@@ -340,32 +359,32 @@ class Ingest:
                 )
             },
             primary=name,
+            state="processing",
         )
         if manifest is None:
             manifest = Manifest(
                 id=asset_id,
                 kind=sniffed.kind,
-                status="published",
+                status="processing",
                 tags=list(dict.fromkeys(tags)),
                 created_at=now,
                 updated_at=now,
-                current_version=number,
+                current_version=None,
                 versions=[version],
             )
         else:
             manifest = manifest.model_copy(
                 update={
-                    "status": "published",
+                    "status": "processing",
                     "status_reason": None,
                     "tags": list(dict.fromkeys([*manifest.tags, *tags])),
                     "updated_at": now,
-                    "current_version": number,
                     "versions": [*manifest.versions, version],
                 }
             )
         await self._catalogue.put(manifest)
-        log.info("published %s v%d (%d bytes, %s)", asset_id, number, size_bytes, content_hash)
-        return PublishResult(manifest, created=True)
+        log.info("stored %s v%d (%d bytes, %s)", asset_id, number, size_bytes, content_hash)
+        return PublishResult(manifest, created=True, version=number)
 
     async def publish_existing_source(
         self, *, content_hash: str, asset_id: str, filename: str | None, tags: list[str]
@@ -440,8 +459,16 @@ class Ingest:
                 f"a {kind or 'upload'} may be at most {limit} bytes; this one is {size_bytes}",
             )
         existing = await self._catalogue.get(asset_id, fresh=True)
-        if existing is not None and existing.current.source.content_hash == content_hash:
-            return None, PublishResult(existing, created=False), []
+        if (
+            existing is not None
+            and existing.newest.source.content_hash == content_hash
+            and existing.newest.state != "failed"
+        ):
+            return (
+                None,
+                PublishResult(existing, created=False, version=existing.newest.version),
+                [],
+            )
         reused = await self.publish_existing_source(
             content_hash=content_hash, asset_id=asset_id, filename=filename, tags=tags
         )
@@ -564,7 +591,7 @@ class Ingest:
             manifest = await self._catalogue.get(session.asset_id, fresh=True)
             if manifest is None:
                 raise NotFound("unknown_asset", f"asset {session.asset_id!r} no longer exists")
-            return PublishResult(manifest, created=False)
+            return PublishResult(manifest, created=False, version=manifest.newest.version)
         received = await self.received_parts(session)
         missing = sorted(set(range(1, session.parts_total + 1)) - set(received))
         if missing:

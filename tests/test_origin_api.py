@@ -3,27 +3,61 @@ S3 (moto) storage."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
+import time
 from typing import Any
 
+import brotli
 from aiohttp.test_utils import TestClient
 
 from origin.app import STORE
 from origin.blobstore import BlobStore
+from origin.catalogue import AssetLayout
 from origin.hashing import BLOCK_BYTES, TreeHasher
 from tests.conftest import AUTH, bundle_bytes, jpeg_bytes, png_bytes
+from transcode.bundles import decode_dcz
 
 Client = TestClient[Any, Any]
 
 
 async def upload(client: Client, body: bytes, **params: str) -> tuple[int, dict[str, Any]]:
+    """Upload, then wait (polling the catalogue, with a deadline) until the worker has
+    published the new version; returns the upload's status and the published asset."""
     response = await client.post("/v1/assets", params=params, data=body, headers=AUTH)
-    return response.status, await response.json()
+    answer = await response.json()
+    if response.status in (200, 201):
+        answer["asset"] = await published(client, answer["asset"])
+    return response.status, answer
+
+
+async def published(client: Client, asset: dict[str, Any]) -> dict[str, Any]:
+    version = asset["newest_version"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        shown = await (await client.get(f"/v1/assets/{asset['id']}", headers=AUTH)).json()
+        if shown["version"] is not None and shown["version"] >= version:
+            return dict(shown)
+        assert shown["newest_state"] != "failed", shown["status_reason"]
+        await asyncio.sleep(0.05)  # polling interval while the worker runs the job
+    raise TimeoutError(f"{asset['id']} v{version} was not published within a minute")
 
 
 async def stored_keys(client: Client) -> list[str]:
     store: BlobStore = client.server.app[STORE]
     return [info.key async for info in store.list("")]
+
+
+async def settled(client: Client, asset_id: str) -> dict[str, Any]:
+    """Wait until the asset's newest version is no longer processing."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        shown = await (await client.get(f"/v1/assets/{asset_id}", headers=AUTH)).json()
+        if shown["newest_state"] != "processing":
+            return dict(shown)
+        await asyncio.sleep(0.05)  # polling interval while the worker runs the job
+    raise TimeoutError(f"{asset_id} is still processing after a minute")
 
 
 def path_of(url: str) -> str:
@@ -45,12 +79,16 @@ async def test_bundle_upload_is_served_with_validators_and_cache_headers(origin:
     assert asset["urls"]["versioned"].endswith("/content/bundles/chem-mole/v1/bundle.json")
     assert asset["urls"]["latest"].endswith("/content/bundles/chem-mole/latest.json")
 
-    versioned = await origin.get(path_of(asset["urls"]["versioned"]))
+    identity = {"Accept-Encoding": "identity"}
+    versioned = await origin.get(path_of(asset["urls"]["versioned"]), headers=identity)
     assert versioned.status == 200
-    assert await versioned.read() == body
+    canonical = await versioned.read()
+    assert json.loads(canonical)["questions"] == json.loads(body)["questions"]
+    source = await origin.get(path_of(asset["urls"]["source"]))
+    assert await source.read() == body
     headers = versioned.headers
     assert headers["Content-Type"].startswith("application/json")
-    assert headers["Content-Length"] == str(len(body))
+    assert headers["Content-Length"] == str(len(canonical))
     assert headers["Accept-Ranges"] == "bytes"
     assert headers["ETag"].startswith('"')  # strong, not W/"…"
     assert "GMT" in headers["Last-Modified"]
@@ -58,9 +96,9 @@ async def test_bundle_upload_is_served_with_validators_and_cache_headers(origin:
     assert headers["CDN-Cache-Control"] == "max-age=31536000"
     assert headers["Surrogate-Key"].split() == ["bundle:chem-mole", "neet"]
 
-    latest = await origin.get(path_of(asset["urls"]["latest"]))
+    latest = await origin.get(path_of(asset["urls"]["latest"]), headers=identity)
     assert latest.status == 200
-    assert await latest.read() == body
+    assert await latest.read() == canonical
     assert latest.headers["ETag"] == headers["ETag"]
     assert "immutable" not in latest.headers["Cache-Control"]
     assert "max-age=30" in latest.headers["Cache-Control"]
@@ -69,25 +107,34 @@ async def test_bundle_upload_is_served_with_validators_and_cache_headers(origin:
     assert "question-bank" not in latest.headers["Surrogate-Key"]
 
 
-async def test_image_and_lecture_are_published_as_uploaded(
+async def test_images_become_variants_and_lectures_an_hls_ladder(
     origin: Client, lecture_clip: bytes
 ) -> None:
-    image = jpeg_bytes()
+    image = jpeg_bytes(200, 150)
     status, answer = await upload(origin, image, filename="Cell Diagram.jpg")
     assert status == 201
-    assert answer["asset"]["id"] == "cell-diagram"
-    assert answer["asset"]["kind"] == "image"
-    fetched = await origin.get(path_of(answer["asset"]["urls"]["versioned"]))
-    assert fetched.headers["Content-Type"] == "image/jpeg"
-    assert await fetched.read() == image
+    asset = answer["asset"]
+    assert asset["id"] == "cell-diagram"
+    assert asset["kind"] == "image"
+    urls = asset["urls"]
+    assert {"rendition:w64.avif", "rendition:w128.webp", "rendition:w128.jpg"} <= set(urls)
+    fetched = await origin.get(path_of(urls["rendition:w64.avif"]))
+    assert fetched.headers["Content-Type"] == "image/avif"
+    assert (await origin.get(path_of(urls["source"]))).headers["Content-Type"] == "image/jpeg"
+    assert await (await origin.get(path_of(urls["source"]))).read() == image
 
     status, answer = await upload(origin, lecture_clip, id="mole-lecture-1", kind="lecture")
     assert status == 201
-    url = path_of(answer["asset"]["urls"]["versioned"])
-    assert url.endswith("/v1/source.mp4")
-    fetched = await origin.get(url)
-    assert fetched.headers["Content-Type"] == "video/mp4"
-    assert await fetched.read() == lecture_clip
+    urls = answer["asset"]["urls"]
+    assert urls["versioned"].endswith("/v1/master.m3u8")
+    assert urls["latest"].endswith("/content/lectures/mole-lecture-1/latest.m3u8")
+    master = await origin.get(path_of(urls["versioned"]))
+    assert master.headers["Content-Type"] == "application/vnd.apple.mpegurl"
+    assert "#EXT-X-STREAM-INF" in await master.text()
+    latest = await (await origin.get(path_of(urls["latest"]))).text()
+    assert "v1/" in latest  # the pointer names versioned, immutable rungs
+    source = await origin.get(path_of(urls["source"]))
+    assert await source.read() == lecture_clip
 
 
 async def test_same_bytes_twice_are_stored_once(origin: Client) -> None:
@@ -112,9 +159,9 @@ async def test_new_bytes_make_a_new_version_and_move_latest(origin: Client) -> N
     assert v2["asset"]["version"] == 2
     assert v2["asset"]["versions"] == [1, 2]
     old = await origin.get("/content/bundles/bio-cell/v1/bundle.json")
-    assert await old.read() == bundle_bytes(version="a")
+    assert "Question 0 a" in (await old.read()).decode()
     latest = await origin.get("/content/bundles/bio-cell/latest.json")
-    assert await latest.read() == bundle_bytes(version="b")
+    assert "Question 0 b" in (await latest.read()).decode()
     assert latest.headers["ETag"] != old.headers["ETag"]
     assert v1["asset"]["content_hash"] != v2["asset"]["content_hash"]
 
@@ -149,7 +196,7 @@ async def test_conditional_get_answers_304(origin: Client) -> None:
 
 async def test_single_ranges_and_head(origin: Client, lecture_clip: bytes) -> None:
     _, answer = await upload(origin, lecture_clip, id="range-lecture", kind="lecture")
-    path = path_of(answer["asset"]["urls"]["versioned"])
+    path = path_of(answer["asset"]["urls"]["source"])
     size = len(lecture_clip)
 
     part = await origin.get(path, headers={"Range": "bytes=10-109"})
@@ -184,7 +231,7 @@ async def test_large_object_streams_whole_and_in_ranges(origin: Client) -> None:
     body = bytes(range(256)) * 4096 + b"\xff\xd8"  # 1 MiB + 2 bytes, not a known format...
     image = jpeg_bytes(800, 600) + body[: 200 * 1024]  # ...so prefix a real JPEG head
     _, answer = await upload(origin, image, id="big-image", kind="image")
-    path = path_of(answer["asset"]["urls"]["versioned"])
+    path = path_of(answer["asset"]["urls"]["source"])
     whole = await origin.get(path)
     assert await whole.read() == image
     middle = await origin.get(path, headers={"Range": "bytes=70000-170000"})
@@ -194,7 +241,7 @@ async def test_large_object_streams_whole_and_in_ranges(origin: Client) -> None:
 
 async def test_malformed_and_unsatisfiable_ranges_get_416(origin: Client) -> None:
     _, answer = await upload(origin, png_bytes(), id="range-bad", kind="image")
-    path = path_of(answer["asset"]["urls"]["versioned"])
+    path = path_of(answer["asset"]["urls"]["source"])
     size = answer["asset"]["size_bytes"]
     for header in ("bytes=abc", "bytes=20-10", "bytes=", f"bytes={size}-", f"bytes={size + 5}-"):
         response = await origin.get(path, headers={"Range": header})
@@ -234,7 +281,9 @@ async def test_catalogue_lists_and_shows_assets(origin: Client) -> None:
     assert manifest["kind"] == "bundle"
     assert manifest["status"] == "published"
     assert manifest["versions"][0]["source"]["content_hash"] == detail["content_hash"]
-    assert set(manifest["versions"][0]["renditions"]) == {"bundle.json"}
+    assert {"bundle.json", "bundle.json.br", "bundle.json.gz", "source.json"} <= set(
+        manifest["versions"][0]["renditions"]
+    )
     missing = await origin.get("/v1/assets/no-such-asset", headers=AUTH)
     assert missing.status == 404
 
@@ -411,8 +460,14 @@ async def test_resumable_session_verifies_parts_and_publishes(origin: Client) ->
     assert done.status == 201
     asset = (await done.json())["asset"]
     assert asset["content_hash"] == request["content_hash"]
-    fetched = await origin.get(path_of(asset["urls"]["versioned"]))
-    assert await fetched.read() == data
+    store: BlobStore = origin.server.app[STORE]
+    reader = await store.get(AssetLayout.source_key(str(request["content_hash"])))
+    assert await reader.read_all() == data
+    # The bytes only look like WebM: the worker refuses them for good, with a reason.
+    failed = await settled(origin, "resumable-lecture")
+    assert failed["status"] == "failed"
+    assert failed["status_reason"]
+    assert failed["urls"] == {}
     keys = await stored_keys(origin)
     assert not [key for key in keys if key.startswith("staging/")]
 
@@ -450,3 +505,50 @@ async def test_resumable_upload_into_an_asset_of_another_kind_is_refused_at_part
     assert gone.status == 404
     keys = await stored_keys(origin)
     assert len([key for key in keys if key.startswith("sources/")]) == 1
+
+
+async def test_bundles_negotiate_brotli_gzip_and_dictionary_deltas(origin: Client) -> None:
+    await upload(origin, bundle_bytes(questions=40, version="a"), id="neet-bio")
+    v1 = await (await origin.get("/content/bundles/neet-bio/v1/bundle.json")).read()
+    _, second = await upload(origin, bundle_bytes(questions=40, version="b"), id="neet-bio")
+    assert second["asset"]["version"] == 2
+    v2 = await (await origin.get("/content/bundles/neet-bio/v2/bundle.json")).read()
+    assert json.loads(v2)["version"] == 2
+
+    plain = await origin.get(
+        "/content/bundles/neet-bio/latest.json", headers={"Accept-Encoding": "identity"}
+    )
+    assert plain.headers["Vary"] == "Accept-Encoding, Available-Dictionary"
+    assert plain.headers["Use-As-Dictionary"] == 'match="/content/bundles/neet-bio/*"'
+    assert "Content-Encoding" not in plain.headers
+
+    br = await origin.get(
+        "/content/bundles/neet-bio/latest.json",
+        headers={"Accept-Encoding": "gzip, br"},
+        auto_decompress=False,
+    )
+    assert br.headers["Content-Encoding"] == "br"
+    assert brotli.decompress(await br.read()) == v2
+    assert br.headers["ETag"] != plain.headers["ETag"]
+
+    shown = await (await origin.get("/v1/assets/neet-bio", headers=AUTH)).json()
+    v2_details = shown["manifest"]["versions"][1]["details"]
+    dictionary = next(d for d in v2_details["deltas"] if d["from_version"] == 1)
+    delta = await origin.get(
+        "/content/bundles/neet-bio/latest.json",
+        headers={
+            "Accept-Encoding": "gzip, br, dcz",
+            "Available-Dictionary": dictionary["available_dictionary"],
+        },
+        auto_decompress=False,
+    )
+    assert delta.headers["Content-Encoding"] == "dcz"
+    body = await delta.read()
+    assert decode_dcz(body, v1) == v2
+    assert len(body) < len(brotli.compress(v2)) / 2
+    unknown = await origin.get(
+        "/content/bundles/neet-bio/latest.json",
+        headers={"Accept-Encoding": "dcz", "Available-Dictionary": ":AAAA:"},
+        auto_decompress=False,
+    )
+    assert "Content-Encoding" not in unknown.headers

@@ -1,0 +1,51 @@
+"""``kshipra worker``."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import click
+
+from kshipra.serve import run
+from kshipra.terminal import Terminal
+
+
+@click.command("worker")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file")
+@click.option("--redis", "redis_url", help="redis://HOST:PORT[/DB] (the origin's)")
+@click.option("--storage", help="Directory, or s3://BUCKET (the origin's)")
+@click.option("--s3-endpoint", help="S3 endpoint URL")
+@click.option("--concurrency", type=click.IntRange(1, 64), help="Jobs at once [default 1]")
+def worker_command(
+    config_file: str | None,
+    redis_url: str | None,
+    storage: str | None,
+    s3_endpoint: str | None,
+    concurrency: int | None,
+) -> None:
+    """Run a transcode worker: lectures → HLS, images → variants, bundles → packs."""
+    from origin.cli import configure_logging, load_or_exit  # noqa: PLC0415 - shared helpers
+    from transcode.worker import run_worker  # noqa: PLC0415 - heavy imports
+
+    config = load_or_exit(
+        config_file,
+        {
+            "redis": {"url": redis_url},
+            "origin": {"storage": storage, "s3_endpoint": s3_endpoint},
+        },
+    )
+    configure_logging(config.log_level)
+    if config.redis.url == "embedded":
+        Terminal().error("a worker needs the origin's Redis: give --redis URL")
+        raise SystemExit(2)
+    workers = concurrency or config.transcode.concurrency
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_worker(config, concurrency=workers, stop=stop)
+
+    run(main())

@@ -1,0 +1,490 @@
+"""Transcode jobs on a Redis-backed queue (saq), and publishing their outputs.
+
+Why saq: it is asyncio-native like the rest of Kshipra; a job's ``key`` makes enqueueing
+idempotent; worker heartbeats let another worker notice a SIGKILLed one within seconds (arq
+only re-runs after the whole job timeout, an hour for a long lecture) and its sweep re-queues
+the job while ``retries`` allow; progress rides on ``job.update``. We pin the retry count
+above saq's default of 1, which would abort a swept job instead of re-running it.
+
+The flow for one uploaded version:
+
+1. the origin registers the version as ``processing`` and calls :class:`TranscodeSubmitter`:
+   the asset version is added to the waiters of job key ``{kind}:{content hash}:{profile}``
+   and the job is enqueued (a no-op if that key is already queued or running);
+2. a worker runs the pipeline into a temp dir, uploads every output under
+   ``renditions/{profile}/{hash}/`` and writes ``outputs.json`` there **last**;
+3. it then publishes each waiting asset version: one manifest write each (that write is the
+   publish), and an invalidation event for the asset's tag on the purge stream.
+
+A crash before step 3 leaves only unreferenced outputs, which a re-run overwrites in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from saq import Queue
+
+from cdn_config import KshipraConfig
+from origin.blobstore import BlobStore
+from origin.catalogue import AssetLayout, Catalogue, Manifest, Rendition, Version, now_utc
+from transcode.base import Outputs, PermanentFault
+
+log = logging.getLogger(__name__)
+
+QUEUE_NAME = "kshipra-transcode"
+WAITERS_PREFIX = "kshipra:waiters:"
+PROGRESS_PREFIX = "kshipra:progress:"
+PURGE_STREAM = "kshipra:purges"
+PROGRESS_TTL_S = 24 * 3600
+CODING_SUFFIXES = {"br": "br", "gz": "gzip", "dcz": "dcz"}
+"""Pre-compressed outputs are served with this Content-Encoding."""
+PIPELINE_VERSION = "1"
+"""Bump when a pipeline's output changes for the same settings: new profile ids, new jobs."""
+
+Pipeline = Callable[[str, Path, Path, dict[str, Any], Callable[[str, float], None]], Outputs]
+
+
+def make_queue(redis_url: str) -> Queue:
+    return Queue.from_url(redis_url, name=QUEUE_NAME)
+
+
+def profile_id(kind: str, settings: dict[str, Any]) -> str:
+    """A short stable id of everything that decides a pipeline's output."""
+    blob = json.dumps({"kind": kind, "v": PIPELINE_VERSION, **settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def job_key(kind: str, content_hash: str, profile: str) -> str:
+    return f"{kind}:{content_hash}:{profile}"
+
+
+def outputs_prefix(profile: str, content_hash: str) -> str:
+    return f"renditions/{profile}/{content_hash}/"
+
+
+@dataclass(frozen=True, slots=True)
+class JobLimits:
+    timeout_s: int = 3 * 3600
+    heartbeat_s: int = 30
+    retries: int = 4
+    retry_delay_s: float = 5.0
+
+
+def pipeline_settings(
+    config: KshipraConfig, manifest: Manifest, version: Version
+) -> dict[str, Any]:
+    """What the worker needs to know beyond the source, as JSON (it travels in the job)."""
+    transcode = config.transcode
+    if manifest.kind == "image":
+        return {"widths": list(transcode.image_widths)}
+    if manifest.kind == "bundle":
+        return {
+            "asset_id": manifest.id,
+            "version": version.version,
+            "previous_versions": transcode.bundle_previous_versions,
+        }
+    return {"ladder": transcode.ladder_name}
+
+
+class TranscodeSubmitter:
+    """The origin's side: hand a new version to the queue."""
+
+    def __init__(
+        self,
+        *,
+        queue: Queue,
+        redis: aioredis.Redis,
+        store: BlobStore,
+        catalogue: Catalogue,
+        config: KshipraConfig,
+        limits: JobLimits,
+    ) -> None:
+        self._queue = queue
+        self._redis = redis
+        self._store = store
+        self._catalogue = catalogue
+        self._config = config
+        self._limits = limits
+
+    async def __call__(self, manifest: Manifest, version: Version) -> None:
+        settings = pipeline_settings(self._config, manifest, version)
+        profile = profile_id(manifest.kind, settings)
+        content_hash = version.source.content_hash
+        key = job_key(manifest.kind, content_hash, profile)
+        await self._redis.sadd(WAITERS_PREFIX + key, f"{manifest.id}:{version.version}")
+        await self._redis.expire(WAITERS_PREFIX + key, 30 * 24 * 3600)
+        publisher = Publisher(store=self._store, catalogue=self._catalogue, redis=self._redis)
+        if await self._store.head(outputs_prefix(profile, content_hash) + "outputs.json"):
+            await publisher.publish_waiters(key, profile, content_hash)
+            return
+        job = await self._queue.enqueue(
+            "transcode",
+            key=key,
+            timeout=self._limits.timeout_s,
+            heartbeat=self._limits.heartbeat_s,
+            retries=self._limits.retries,
+            retry_delay=self._limits.retry_delay_s,
+            retry_backoff=True,
+            kind=manifest.kind,
+            content_hash=content_hash,
+            profile=profile,
+            source_key=version.source.key,
+            source_format=version.source.format,
+            settings=settings,
+        )
+        log.info(
+            "%s %s v%d: job %s %s",
+            manifest.kind,
+            manifest.id,
+            version.version,
+            key,
+            "queued" if job is not None else "already queued",
+        )
+
+
+class Publisher:
+    """Turns finished outputs into published asset versions."""
+
+    def __init__(self, *, store: BlobStore, catalogue: Catalogue, redis: aioredis.Redis) -> None:
+        self._store = store
+        self._catalogue = catalogue
+        self._redis = redis
+
+    async def _record(self, profile: str, content_hash: str) -> dict[str, Any]:
+        reader = await self._store.get(outputs_prefix(profile, content_hash) + "outputs.json")
+        record: dict[str, Any] = json.loads(await reader.read_all())
+        return record
+
+    async def publish_waiters(self, key: str, profile: str, content_hash: str) -> int:
+        record = await self._record(profile, content_hash)
+        published = 0
+        for member in await self._redis.smembers(WAITERS_PREFIX + key):
+            asset_id, _, number = str(member).rpartition(":")
+            if await self._publish_one(asset_id, int(number), record):
+                published += 1
+            await self._redis.srem(WAITERS_PREFIX + key, member)
+        return published
+
+    async def fail_waiters(self, key: str, reason: str) -> None:
+        for member in await self._redis.smembers(WAITERS_PREFIX + key):
+            asset_id, _, number = str(member).rpartition(":")
+            await self._settle(asset_id, int(number), failed=reason, record=None)
+            await self._redis.srem(WAITERS_PREFIX + key, member)
+
+    async def _publish_one(self, asset_id: str, number: int, record: dict[str, Any]) -> bool:
+        return await self._settle(asset_id, number, failed=None, record=record)
+
+    async def _settle(
+        self, asset_id: str, number: int, *, failed: str | None, record: dict[str, Any] | None
+    ) -> bool:
+        async with self._redis.lock(
+            f"kshipra:lock:asset:{asset_id}", timeout=60, blocking_timeout=30
+        ):
+            manifest = await self._catalogue.get(asset_id, fresh=True)
+            version = manifest.version(number) if manifest is not None else None
+            if manifest is None or version is None or version.state != "processing":
+                return False
+            now = now_utc()
+            if failed is not None:
+                version = version.model_copy(update={"state": "failed", "state_reason": failed})
+            else:
+                assert record is not None
+                renditions = dict(version.renditions)
+                for item in record["files"]:
+                    renditions[item["name"]] = Rendition(
+                        key=item["key"],
+                        size_bytes=item["size_bytes"],
+                        content_type=item["content_type"],
+                        etag=item["etag"],
+                        content_encoding=CODING_SUFFIXES.get(item["name"].rsplit(".", 1)[-1]),
+                    )
+                pointer = await self._pointer(manifest, number, record, renditions)
+                version = version.model_copy(
+                    update={
+                        "state": "published",
+                        "published_at": now,
+                        "renditions": renditions,
+                        "primary": pointer,
+                        "details": {**record.get("details", {}), "primary": record["primary"]},
+                    }
+                )
+            versions = [version if v.version == number else v for v in manifest.versions]
+            published = [v.version for v in versions if v.state == "published"]
+            newest = max(versions, key=lambda v: v.version)
+            manifest = manifest.model_copy(
+                update={
+                    "versions": versions,
+                    "current_version": max(published) if published else None,
+                    "status": newest.state,
+                    "status_reason": newest.state_reason,
+                    "updated_at": now,
+                }
+            )
+            await self._catalogue.put(manifest)
+        if failed is None:
+            await self._redis.xadd(
+                PURGE_STREAM,
+                {"tag": manifest.cache_tag, "soft": "1", "reason": f"published v{number}"},
+                maxlen=100_000,
+                approximate=True,
+            )
+            log.info("published %s v%d", asset_id, number)
+        else:
+            log.warning("%s v%d failed: %s", asset_id, number, failed)
+        return True
+
+    async def _pointer(
+        self,
+        manifest: Manifest,
+        number: int,
+        record: dict[str, Any],
+        renditions: dict[str, Rendition],
+    ) -> str:
+        """The rendition ``latest`` serves. A lecture's master playlist names its rungs
+        relatively, so ``latest.m3u8`` gets a copy whose URIs point into ``v{n}/``."""
+        primary: str = record["primary"]
+        if manifest.kind != "lecture" or not primary.endswith(".m3u8"):
+            return primary
+        reader = await self._store.get(renditions[primary].key)
+        rewritten = rewrite_playlist_uris((await reader.read_all()).decode(), f"v{number}/")
+        body = rewritten.encode()
+        key = f"assets/{manifest.id}/v{number}-latest.m3u8"
+        info = await self._store.put(key, body, content_type="application/vnd.apple.mpegurl")
+        name = "latest-master.m3u8"
+        renditions[name] = Rendition(
+            key=key,
+            size_bytes=len(body),
+            content_type="application/vnd.apple.mpegurl",
+            etag=f'"{hashlib.sha256(body).hexdigest()[:40]}"',
+        )
+        del info
+        return name
+
+
+def rewrite_playlist_uris(playlist: str, prefix: str) -> str:
+    """Prefix every relative URI in an HLS playlist (URI lines and ``URI="…"`` attributes)."""
+    out = []
+    for line in playlist.splitlines():
+        rewritten = line
+        if line and not line.startswith("#") and "://" not in line and not line.startswith("/"):
+            rewritten = prefix + line
+        elif 'URI="' in line:
+            head, _, rest = line.partition('URI="')
+            if "://" not in rest.split('"', 1)[0] and not rest.startswith("/"):
+                rewritten = f'{head}URI="{prefix}{rest}'
+        out.append(rewritten)
+    return "\n".join(out) + "\n"
+
+
+# ---- the worker's side -----------------------------------------------------------------------
+
+
+@dataclass
+class WorkerEnv:
+    store: BlobStore
+    catalogue: Catalogue
+    redis: aioredis.Redis
+    config: KshipraConfig
+    pipeline: Pipeline
+
+
+async def _download(store: BlobStore, key: str, path: Path) -> None:
+    reader = await store.get(key)
+    handle = await asyncio.to_thread(path.open, "wb")
+    try:
+        async for chunk in reader.chunks:
+            await asyncio.to_thread(handle.write, chunk)
+    finally:
+        await asyncio.to_thread(handle.close)
+
+
+async def _file_chunks(path: Path, chunk_bytes: int = 1024 * 1024) -> AsyncIterator[bytes]:
+    handle = await asyncio.to_thread(path.open, "rb")
+    try:
+        while chunk := await asyncio.to_thread(handle.read, chunk_bytes):
+            yield chunk
+    finally:
+        await asyncio.to_thread(handle.close)
+
+
+def _etag_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            digest.update(chunk)
+    return f'"{digest.hexdigest()[:40]}"'
+
+
+class ProgressReporter:
+    """Thread-safe progress from a pipeline → Redis (a key per job, plus pub/sub) and the saq
+    job (which doubles as its heartbeat)."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, redis: aioredis.Redis, job: Any, key: str
+    ) -> None:
+        self._loop = loop
+        self._redis = redis
+        self._job = job
+        self._key = key
+        self._started = time.monotonic()
+        self._last_sent = 0.0
+        self.stage = "queued"
+        self.fraction = 0.0
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        self.stage, self.fraction = stage, max(0.0, min(1.0, fraction))
+        now = time.monotonic()
+        if now - self._last_sent < 0.25 and fraction < 1.0:
+            return
+        self._last_sent = now
+        asyncio.run_coroutine_threadsafe(self.send(), self._loop)
+
+    async def send(self) -> None:
+        elapsed = time.monotonic() - self._started
+        eta = elapsed * (1 - self.fraction) / self.fraction if self.fraction > 0.02 else None
+        document = json.dumps(
+            {
+                "stage": self.stage,
+                "percent": round(self.fraction * 100, 1),
+                "eta_s": None if eta is None else round(eta, 1),
+                "updated": time.time(),
+            }
+        )
+        try:
+            await self._redis.set(PROGRESS_PREFIX + self._key, document, ex=PROGRESS_TTL_S)
+            await self._redis.publish(PROGRESS_PREFIX + self._key, document)
+            await self._job.update(progress=self.fraction, meta={"stage": self.stage})
+        except aioredis.RedisError:
+            log.warning("could not publish progress for %s", self._key)
+
+
+async def run_job(
+    env: WorkerEnv,
+    job: Any,
+    *,
+    kind: str,
+    content_hash: str,
+    profile: str,
+    source_key: str,
+    source_format: str,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    key = job_key(kind, content_hash, profile)
+    prefix = outputs_prefix(profile, content_hash)
+    publisher = Publisher(store=env.store, catalogue=env.catalogue, redis=env.redis)
+    loop = asyncio.get_running_loop()
+    reporter = ProgressReporter(loop, env.redis, job, key)
+    if await env.store.head(prefix + "outputs.json") is None:
+        with tempfile.TemporaryDirectory(prefix="kshipra-job-") as work:
+            source = Path(work) / f"source.{source_format}"
+            out_dir = Path(work) / "out"
+            out_dir.mkdir()
+            reporter("download", 0.0)
+            await reporter.send()
+            await _download(env.store, source_key, source)
+            if kind == "bundle":
+                settings = await _previous_bundles(env, settings, Path(work))
+            heartbeat = asyncio.create_task(_heartbeat(job, env.config))
+            try:
+                outputs = await asyncio.to_thread(
+                    env.pipeline, kind, source, out_dir, settings, reporter
+                )
+            except PermanentFault as exc:
+                await publisher.fail_waiters(key, str(exc))
+                await env.redis.delete(PROGRESS_PREFIX + key)
+                return {"failed": str(exc)}
+            finally:
+                heartbeat.cancel()
+            reporter("upload", 0.97)
+            files = []
+            for output in outputs.files:
+                size = (await asyncio.to_thread(output.path.stat)).st_size
+                etag = await asyncio.to_thread(_etag_of, output.path)
+                await env.store.put(
+                    prefix + output.name,
+                    _file_chunks(output.path),
+                    content_type=output.content_type,
+                )
+                files.append(
+                    {
+                        "name": output.name,
+                        "key": prefix + output.name,
+                        "size_bytes": size,
+                        "content_type": output.content_type,
+                        "etag": etag,
+                    }
+                )
+            record = {"files": files, "primary": outputs.primary, "details": outputs.details}
+            await env.store.put(
+                prefix + "outputs.json",
+                json.dumps(record, indent=1).encode(),
+                content_type="application/json",
+            )
+    published = await publisher.publish_waiters(key, profile, content_hash)
+    reporter("done", 1.0)
+    await reporter.send()
+    return {"published": published}
+
+
+async def _previous_bundles(env: WorkerEnv, settings: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Write the previous K published versions' canonical bytes to files for the delta step."""
+    manifest = await env.catalogue.get(settings["asset_id"], fresh=True)
+    previous: list[dict[str, Any]] = []
+    if manifest is not None:
+        earlier = sorted(
+            (
+                v
+                for v in manifest.versions
+                if v.state == "published"
+                and v.version < settings["version"]
+                and "bundle.json" in v.renditions
+            ),
+            key=lambda v: v.version,
+            reverse=True,
+        )[: settings["previous_versions"]]
+        for version in earlier:
+            path = work / f"previous-v{version.version}.json"
+            await _download(env.store, version.renditions["bundle.json"].key, path)
+            previous.append({"version": version.version, "path": str(path)})
+    return {**settings, "previous": previous}
+
+
+async def _heartbeat(job: Any, config: KshipraConfig) -> None:
+    """Keep the job alive while a pipeline step reports nothing for a while."""
+    interval = max(1.0, config.transcode.heartbeat_s / 3)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await job.update()
+        except aioredis.RedisError:
+            log.warning("heartbeat for job %s failed", job.key)
+
+
+async def progress_of(redis: aioredis.Redis, key: str) -> dict[str, Any] | None:
+    raw = await redis.get(PROGRESS_PREFIX + key)
+    return None if raw is None else dict(json.loads(raw))
+
+
+__all__ = [
+    "PURGE_STREAM",
+    "QUEUE_NAME",
+    "AssetLayout",
+    "JobLimits",
+    "Publisher",
+    "TranscodeSubmitter",
+    "WorkerEnv",
+    "make_queue",
+    "progress_of",
+    "run_job",
+]
