@@ -235,7 +235,13 @@ class Publisher:
         if failed is None:
             await self._redis.xadd(
                 PURGE_STREAM,
-                {"tag": manifest.cache_tag, "soft": "1", "reason": f"published v{number}"},
+                {
+                    "kind": "tag",
+                    "value": manifest.cache_tag,
+                    "soft": "1",
+                    "reason": f"published v{number}",
+                    "requested_at": f"{time.time():.6f}",
+                },
                 maxlen=100_000,
                 approximate=True,
             )
