@@ -16,9 +16,10 @@ Encoded copies the edge makes itself (Brotli, gzip) are ``full`` entries at
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Literal
 
-from edge.rfc9111 import Freshness, Headers, freshness_of, get_one
+from edge.rfc9111 import Freshness, FreshnessBasis, Headers, freshness_basis, get_one
 
 EntryKind = Literal["full", "vary", "sliced", "slice"]
 VARIANT_SEP = "\x00v:"
@@ -26,7 +27,7 @@ SLICE_SEP = "\x00s:"
 ENCODING_SEP = "\x00e:"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class EntryMeta:
     kind: EntryKind
     status: int = 200
@@ -84,15 +85,17 @@ class EntryMeta:
             extra=dict(data.get("extra", {})),
         )
 
-    def freshness(self, now: float) -> Freshness:
-        return freshness_of(
+    @cached_property
+    def _basis(self) -> FreshnessBasis:
+        return freshness_basis(
             self.headers,
             status=self.status,
             request_time=self.request_time,
             response_time=self.response_time,
-            now=now,
-            soft_purged=self.soft_purged,
         )
+
+    def freshness(self, now: float) -> Freshness:
+        return self._basis.at(now, soft_purged=self.soft_purged)
 
     def header(self, name: str) -> str | None:
         return get_one(self.headers, name)

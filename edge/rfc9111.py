@@ -372,6 +372,51 @@ class Freshness:
         return self.lifetime_s - self.age_s
 
 
+@dataclass(frozen=True, slots=True)
+class FreshnessBasis:
+    """Everything about a stored response's freshness that does not depend on the clock:
+    computed once per stored response, so a hit does not re-parse its headers."""
+
+    lifetime_s: float
+    initial_age_s: float
+    response_time: float
+    stale_while_revalidate_s: float
+    stale_if_error_s: float
+    must_revalidate: bool
+    no_cache: bool
+
+    def at(self, now: float, *, soft_purged: bool = False) -> Freshness:
+        return Freshness(
+            lifetime_s=self.lifetime_s,
+            age_s=current_age_s(self.initial_age_s, response_time=self.response_time, now=now),
+            stale_while_revalidate_s=self.stale_while_revalidate_s,
+            stale_if_error_s=self.stale_if_error_s,
+            must_revalidate=self.must_revalidate,
+            no_cache=self.no_cache,
+            soft_purged=soft_purged,
+        )
+
+
+def freshness_basis(
+    response_headers: Headers, *, status: int, request_time: float, response_time: float
+) -> FreshnessBasis:
+    directives = response_controls(response_headers).directives
+    lifetime, _ = freshness_lifetime_s(response_headers, status=status, response_time=response_time)
+    return FreshnessBasis(
+        lifetime_s=lifetime,
+        initial_age_s=initial_age_s(
+            response_headers, request_time=request_time, response_time=response_time
+        ),
+        response_time=response_time,
+        stale_while_revalidate_s=float(directives.seconds("stale-while-revalidate") or 0),
+        stale_if_error_s=float(directives.seconds("stale-if-error") or 0),
+        must_revalidate=directives.has("must-revalidate")
+        or directives.has("proxy-revalidate")
+        or directives.has("s-maxage"),
+        no_cache=directives.has("no-cache") and directives.field_names("no-cache") is None,
+    )
+
+
 def freshness_of(
     response_headers: Headers,
     *,
@@ -381,24 +426,10 @@ def freshness_of(
     now: float,
     soft_purged: bool = False,
 ) -> Freshness:
-    directives = response_controls(response_headers).directives
-    lifetime, _ = freshness_lifetime_s(response_headers, status=status, response_time=response_time)
-    age = current_age_s(
-        initial_age_s(response_headers, request_time=request_time, response_time=response_time),
-        response_time=response_time,
-        now=now,
+    basis = freshness_basis(
+        response_headers, status=status, request_time=request_time, response_time=response_time
     )
-    return Freshness(
-        lifetime_s=lifetime,
-        age_s=age,
-        stale_while_revalidate_s=float(directives.seconds("stale-while-revalidate") or 0),
-        stale_if_error_s=float(directives.seconds("stale-if-error") or 0),
-        must_revalidate=directives.has("must-revalidate")
-        or directives.has("proxy-revalidate")
-        or directives.has("s-maxage"),
-        no_cache=directives.has("no-cache") and directives.field_names("no-cache") is None,
-        soft_purged=soft_purged,
-    )
+    return basis.at(now, soft_purged=soft_purged)
 
 
 def reuse(freshness: Freshness, request: RequestControls) -> Reuse:
