@@ -10,6 +10,13 @@ WebVTT map. The bottom half is the IO shell: :func:`probe` (PyAV), :func:`run_ff
 Audio is one demuxed rendition (``EXT-X-MEDIA TYPE=AUDIO``, ``audio.m3u8``) that every video
 variant references, and that the master also lists as an audio-only variant: encoded once,
 stored once, and cached once at the edges whichever video rung a student is on.
+
+Two things ffmpeg's hls muxer decides, measured with this build: it writes one movie fragment
+per segment, so the I-frame playlists list the keyframe that opens each 6 s segment, not every
+2 s one (``-hls_segment_options movflags=+frag_keyframe`` moves the media into the init
+segment). And each rung's muxer starts its timeline where decoding starts, so the first
+frame's presentation time is the encoder's B-frame delay (two frames; x264 and x265 are both
+set to three B-frames with a pyramid so that delay is the same on every rung).
 """
 
 from __future__ import annotations

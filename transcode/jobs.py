@@ -94,7 +94,10 @@ def pipeline_settings(
             "version": version.version,
             "previous_versions": transcode.bundle_previous_versions,
         }
-    return {"ladder": transcode.ladder_name}
+    settings: dict[str, Any] = {"ladder": transcode.ladder_name}
+    if config.media.ffmpeg_binary:
+        settings["ffmpeg"] = config.media.ffmpeg_binary
+    return settings
 
 
 class TranscodeSubmitter:

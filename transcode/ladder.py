@@ -116,8 +116,8 @@ DEFAULT_HEVC_LADDER = Ladder(
 )
 """HEVC (``hvc1``) for phones that decode it: x265's CRF scale sits about 4 above x264's, and the
 caps are about two thirds of H.264's. On the generated lecture (bench/transcode_ladder.py) it
-saves 7-8 % of the bytes at about 1 dB lower SSIM for 2.3x the CPU of the H.264 ladder:
-synthetic screen content flatters x264; check on real lectures before tuning further."""
+saves 6-12 % of the bytes at about 1 dB lower SSIM, for 2.1x the CPU of the H.264 ladder.
+Synthetic screen content flatters x264, so check real lectures before tuning further."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +127,8 @@ class HlsSettings:
     """``None``: H.264 only."""
     hevc_placement: HevcPlacement = "shared"
     """``shared``: the HEVC rungs are encoders in the H.264 process, fed by the same decode
-    and the same scalers; ``separate``: a second ffmpeg process with its own decode."""
+    and the same scalers (measured: 0.86-0.93x the CPU of two processes, same wall time);
+    ``separate``: a second ffmpeg process with its own decode."""
     segment_s: int = 6
     keyframe_interval_s: int = 2
     max_fps: Fraction = Fraction(30)
@@ -167,7 +168,8 @@ class SourceInfo:
     """What the probe learnt about a source."""
 
     container: str
-    """The demuxer's short name (``mov``, ``matroska``…), forced on the ffmpeg command line."""
+    """PyAV's demuxer name (``mov,mp4,m4a,3gp,3g2,mj2``, ``matroska,webm``…); its accepted
+    short name is forced on the ffmpeg command line."""
     duration_s: float
     width: int
     """Coded width of the video stream, before sample aspect ratio and rotation."""
@@ -361,7 +363,8 @@ def refusal(source: SourceInfo, settings: HlsSettings) -> str | None:
 
 def plan_encode(source: SourceInfo, settings: HlsSettings) -> EncodePlan:
     display_w, display_h = source.display_size
-    rungs = plan_rungs(display_w, display_h, settings.h264)
+    h264 = plan_rungs(display_w, display_h, settings.h264)
+    rungs = h264
     if settings.hevc is not None:
         rungs += plan_rungs(display_w, display_h, settings.hevc)
     rate = output_frame_rate(source.frame_rate, settings.max_fps)
@@ -372,7 +375,7 @@ def plan_encode(source: SourceInfo, settings: HlsSettings) -> EncodePlan:
         processes = (("h264", "hevc"),)
     else:
         processes = (("h264",), ("hevc",))
-    top = rungs[len(plan_rungs(display_w, display_h, settings.h264)) - 1]
+    top = h264[-1]
     return EncodePlan(
         rungs=rungs,
         frame_rate=rate,
