@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import hashlib
 import json
 import os
 import platform
@@ -751,7 +752,26 @@ def tool_versions() -> dict[str, Any]:
         "edge_worktree_changes": out(
             ["git", "-C", str(ROOT), "status", "--porcelain", "--", "edge", "kshipra"]
         ).splitlines(),
+        "edge_source_sha256": source_digest(),
     }
+
+
+def source_digest() -> str:
+    """SHA-256 over the edge's (and the serving helpers') sources as they are on disk now:
+    other people edit them while benchmarks run."""
+    digest = hashlib.sha256()
+    for path in sorted([*(ROOT / "edge").rglob("*.py"), *(ROOT / "kshipra").rglob("*.py")]):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def finish_versions(report: dict[str, Any]) -> None:
+    """Record the sources at the end too; warn when they changed during the measurement."""
+    end = source_digest()
+    report["edge_source_sha256_end"] = end
+    report["code_changed_during_run"] = end != report["versions"]["edge_source_sha256"]
+    if report["code_changed_during_run"]:
+        print("warning: edge/ or kshipra/ sources changed during the run", file=sys.stderr)
 
 
 def machine() -> dict[str, Any]:
@@ -992,7 +1012,6 @@ def main() -> int:
             "bare_aiohttp": "uvloop, one handler returning bytes from memory, same headers",
         },
         "machine": machine(),
-        "versions": tool_versions(),
         "quiet_gates": [],
     }
     rows: list[dict[str, Any]] = []
@@ -1002,6 +1021,7 @@ def main() -> int:
         bodies_dir = work / "bodies"
         bodies = write_bodies(bodies_dir)
         report["quiet_gates"].append(wait_for_quiet("start", max_wait_s=args.max_wait))
+        report["versions"] = tool_versions()  # after the wait: the code that is measured
         origin = stack.enter_context(run_origin(work, bodies_dir, client_cpu))
         edge = stack.enter_context(run_edge(work, origin.base_url, server_cpu))
         nginx = stack.enter_context(run_nginx(work, origin.port, server_cpu))
@@ -1131,6 +1151,7 @@ def main() -> int:
             "run); prefer the req/CPU-s ratios",
             file=sys.stderr,
         )
+    finish_versions(report)
     write_report(report, args.output)
     return 0
 

@@ -5,12 +5,13 @@
 tiny origin of ``edge_hits.py``, warms it with a few hundred objects, reads its RSS
 (``VmRSS``), fills it with ``--objects`` distinct small objects (``/obj/{i}.json``, 200-byte
 JSON, ``Cache-Control: public, max-age=3600``) over ``--fill-concurrency`` keep-alive
-connections, and reads the RSS again. Index + metadata bytes per object =
-(RSS after - RSS before - bodies held in memory) / objects, where the bodies held in memory
-are the memory tier's new entries x 200 bytes (from ``/metrics``). It does this twice, each
-time with a fresh edge: with ``--memory-bytes 256MiB`` (every object in the memory tier *and*
-indexed by the disk tier) and with ``--memory-bytes 1MiB`` (bodies on disk only: the disk
-tier's per-object index cost, plus a small memory tier).
+connections (in two halves, reading it between them too), and reads the RSS again. Index +
+metadata bytes per object = (RSS after - RSS before - bodies held in memory) / objects, where
+the bodies held in memory are the memory tier's new entries x 200 bytes (from ``/metrics``);
+the same between N/2 and N objects is the marginal cost, without one-time growth. It does
+this twice, each time with a fresh edge: with ``--memory-bytes 256MiB`` (every object in the
+memory tier *and* indexed by the disk tier) and with ``--memory-bytes 1MiB`` (bodies on disk
+only: the disk tier's per-object index cost, plus a small memory tier).
 
 (b) **Per idle connection.** With a fresh edge holding one 4 KiB object, opens
 ``--connections`` keep-alive connections, each sending one request for it and then staying
@@ -49,6 +50,7 @@ from edge_hits import (
     Server,
     check_tools,
     fetch,
+    finish_versions,
     http_get,
     machine,
     open_sockets,
@@ -330,13 +332,13 @@ def main() -> int:
             "rss": "VmRSS from /proc/PID/status, read after a 1.5 s settle",
         },
         "machine": machine(),
-        "versions": tool_versions(),
         "quiet_gates": [],
     }
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kshipra-membench-")))
         bodies = write_bodies(work / "bodies")
         report["quiet_gates"].append(wait_for_quiet("start", max_wait_s=args.max_wait))
+        report["versions"] = tool_versions()  # after the wait: the code that is measured
         origin = stack.enter_context(run_origin(work, work / "bodies", client_cpu))
         pin_self(client_cpu)
         objects = []
@@ -381,6 +383,7 @@ def main() -> int:
         ratio = by["kshipra"]["kib_per_connection"] / by["nginx"]["kib_per_connection"]
         report["kib_per_connection_kshipra_over_nginx"] = round(ratio, 1)
         print(f"\nKiB per idle connection, kshipra/nginx: {ratio:.1f}x")
+    finish_versions(report)
     write_report(report, args.output)
     return 0
 

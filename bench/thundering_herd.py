@@ -46,6 +46,7 @@ from edge_hits import (
     Server,
     check_tools,
     fetch,
+    finish_versions,
     http_get,
     machine,
     origin_counts,
@@ -249,7 +250,6 @@ def main() -> int:
             "under /, off under /nolock/; worker_connections 8192, worker_rlimit_nofile 16384",
         },
         "machine": machine(),
-        "versions": tool_versions(),
         "quiet_gates": [],
     }
     results: list[HerdResult] = []
@@ -257,6 +257,7 @@ def main() -> int:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kshipra-herdbench-")))
         bodies = write_bodies(work / "bodies")
         report["quiet_gates"].append(wait_for_quiet("start", max_wait_s=args.max_wait))
+        report["versions"] = tool_versions()  # after the wait: the code that is measured
         origin = stack.enter_context(
             run_origin(work, work / "bodies", client_cpu, delay_s=args.delay_ms / 1000)
         )
@@ -316,6 +317,7 @@ def main() -> int:
             f"first / last answer {item['median_first_answer_ms']} / "
             f"{item['median_last_answer_ms']} ms, errors {item['errors_total']}"
         )
+    finish_versions(report)
     write_report(report, args.output)
     return 0
 

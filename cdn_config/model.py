@@ -109,6 +109,9 @@ class OriginConfig(_Section):
     upload_limits: UploadLimits = UploadLimits()
     upload_session_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
     """How long an unfinished resumable upload can wait for its remaining parts."""
+    notifications_queue_url: str | None = None
+    """SQS queue URL receiving the S3 bucket's event notifications; the origin turns changes
+    made behind its back (``aws s3 cp``) into purges. Unset: no notifications."""
 
     _listen_ok = field_validator("listen")(_check_listen)
 

@@ -21,7 +21,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -52,6 +52,17 @@ from edge.keys import (
 from edge.memory import MemoryTier
 from edge.metrics import EdgeMetrics
 from edge.policy import make_policy
+from edge.purge import (  # purge: stream consumer and operator endpoint
+    CURSOR_FILE,
+    PURGE_SEEN_HEADER,
+    PURGE_SEEN_WAIT_S,
+    Applied,
+    CursorFile,
+    Purge,
+    PurgeConsumer,
+    apply_purges,
+    purge_endpoint,
+)
 from edge.rfc9111 import (
     EDGE_ONLY,
     Headers,
@@ -115,6 +126,9 @@ class EdgeSettings:
     policy: str = "s3fifo"
     disk_sync_interval_s: float = 5.0
     purge_token: str | None = field(default=None, repr=False)
+    redis_url: str | None = None
+    """Follow the fleet's purge stream here (see :mod:`edge.purge`); ``None``: only the
+    operator endpoint purges."""
 
 
 # ---- outcomes of a fetch, shared with collapsed waiters -----------------------------------------
@@ -178,6 +192,7 @@ def forwarded_request_headers(request: web.Request, *, encoding: str) -> list[tu
         "x-forwarded-host",
         "forwarded",
         FLEET_HEADER.lower(),
+        PURGE_SEEN_HEADER.lower(),  # purge
     }
     headers = [
         (key, value)
@@ -224,6 +239,7 @@ class Edge:
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
         self._hit_for_miss: dict[str, float] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self.purge_consumer: PurgeConsumer | None = None
 
     async def start(self) -> None:
         await self.upstream.start()
@@ -233,6 +249,22 @@ class Edge:
             task = asyncio.create_task(self._sync_disk_forever(self.cache.disk))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+        # purge: catch up with the purge stream before serving
+        if self.settings.redis_url is not None:
+            disk_dir = self.settings.disk_dir
+            self.purge_consumer = PurgeConsumer(
+                edge_name=self.settings.name,
+                redis_url=self.settings.redis_url,
+                apply=self.apply_purges,
+                cursor=None if disk_dir is None else CursorFile(disk_dir / CURSOR_FILE),
+                cache_is_empty=lambda: next(self.cache.metas(), None) is None,
+                upstream=self.settings.upstream_url,
+            )
+            await self.purge_consumer.start()
+
+    async def apply_purges(self, purges: Sequence[Purge]) -> Applied:
+        """purge: apply a batch of purges to every tier (see :mod:`edge.purge`)."""
+        return await apply_purges(self.cache, self.host, purges)
 
     async def _sync_disk_forever(self, disk: DiskTier) -> None:
         """Workers sharing one disk directory learn of each other's stores and removals, and
@@ -245,6 +277,9 @@ class Edge:
                 log.exception("%s: disk sync failed", self.settings.name)
 
     async def stop(self) -> None:
+        if self.purge_consumer is not None:  # purge
+            await self.purge_consumer.stop()
+            self.purge_consumer = None
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -256,6 +291,8 @@ class Edge:
         headers = forwarded_request_headers(request, encoding=encoding)
         if self.fleet_key is not None:
             headers.append((FLEET_HEADER, self.fleet_key))
+        if self.purge_consumer is not None and self.purge_consumer.last_applied is not None:
+            headers.append((PURGE_SEEN_HEADER, self.purge_consumer.last_applied))  # purge
         return headers
 
     def from_fleet(self, request: web.Request) -> bool:
@@ -276,11 +313,21 @@ class Edge:
             target = normalise_target(request.raw_path)
         except BadTarget as exc:
             return error_response(400, f"bad request target: {exc}")
+        await self._catch_up_with_child(request)  # purge
         if request.method in ("GET", "HEAD"):
             return await self.cacheable(request, target)
         if request.method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
             return await self.pass_unsafe(request, target)
         return error_response(501, f"method {request.method} is not supported here")
+
+    async def _catch_up_with_child(self, request: web.Request) -> None:
+        """purge: a child edge that applied a purge we have not must not refill from us what
+        it purged (see :data:`edge.purge.PURGE_SEEN_HEADER`)."""
+        seen = request.headers.get(PURGE_SEEN_HEADER)
+        if seen is None or self.purge_consumer is None or not self.from_fleet(request):
+            return
+        if not await self.purge_consumer.wait_until_applied(seen, timeout_s=PURGE_SEEN_WAIT_S):
+            log.warning("%s: answering before applying purge %s", self.settings.name, seen)
 
     # ---- hash, lookup, hit ---------------------------------------------------------------
 
@@ -1078,6 +1125,8 @@ def _json_error(status: int, message: str) -> bytes:
 # ---- the application -----------------------------------------------------------------------------
 
 EDGE = web.AppKey("edge", Edge)
+PURGE_PATH = "/.kshipra/purge"
+"""A dot-segment under a reserved name: not a path an origin serves content at."""
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -1087,6 +1136,12 @@ async def healthz(request: web.Request) -> web.Response:
 async def metrics_handler(request: web.Request) -> web.Response:
     body, content_type = request.app[EDGE].metrics.render()
     return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def purge_handler(request: web.Request) -> web.Response:
+    """``POST /.kshipra/purge`` (see :func:`edge.purge.purge_endpoint`)."""
+    edge = request.app[EDGE]
+    return await purge_endpoint(request, token=edge.settings.purge_token, apply=edge.apply_purges)
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -1113,11 +1168,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(settings: EdgeSettings) -> web.Application:
-    """The edge application: ``/healthz``, ``/metrics`` and everything else proxied."""
+    """The edge application: ``/healthz``, ``/metrics``, ``POST /.kshipra/purge`` and
+    everything else proxied."""
     app = web.Application(client_max_size=MAX_UNSAFE_BODY_BYTES, middlewares=[header_limits])
     app[EDGE] = Edge(settings)
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/metrics", metrics_handler, allow_head=False)
+    app.router.add_post(PURGE_PATH, purge_handler)
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app

@@ -37,6 +37,8 @@ def settings_from_config(config: KshipraConfig, name: str) -> tuple[EdgeSettings
         upstream_timeout_s=edge.upstream_timeout_s,
         max_upstream_connections=edge.max_upstream_connections,
         purge_token=config.secrets.purge_token,
+        # purge: follow the purge stream unless Redis is the origin's embedded child server
+        redis_url=None if config.redis.url == "embedded" else config.redis.url,
     )
     return settings, edge.listen
 
@@ -99,6 +101,12 @@ def _size(value: str | None, name: str) -> int | None:
 @click.option("--memory-bytes", help="Memory tier budget, e.g. 256MiB")
 @click.option("--disk-bytes", help="Disk tier budget, e.g. 50GiB")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option(
+    "--redis",
+    "redis_url",
+    help="Follow the purge stream in this Redis (redis://HOST:PORT[/DB]); with --config, "
+    "default: the config's redis url unless it is 'embedded'",
+)
 def edge_command(
     upstream: str | None,
     listen: str | None,
@@ -108,6 +116,7 @@ def edge_command(
     memory_bytes: str | None,
     disk_bytes: str | None,
     workers: int,
+    redis_url: str | None,
 ) -> None:
     """Run an edge: an RFC 9111 caching reverse proxy with memory and disk tiers."""
     from origin.cli import configure_logging, load_or_exit  # noqa: PLC0415 - shared helpers
@@ -145,6 +154,10 @@ def edge_command(
         parsed = _size(value, option)
         if parsed is not None:
             overrides[key] = parsed
+    if redis_url is not None:
+        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise click.BadParameter("expected redis://HOST:PORT[/DB]", param_hint="--redis")
+        overrides["redis_url"] = redis_url
     if overrides:
         settings = replace(settings, **overrides)
     try:

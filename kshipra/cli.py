@@ -6,6 +6,7 @@ import click
 
 from edge.cli import edge_command
 from kshipra.dev import dev_command
+from kshipra.purge_cli import purge_command, warm_command
 from origin.cli import jobs_command, origin_command, status_command, upload_command
 from transcode.cli import worker_command
 
@@ -23,3 +24,5 @@ main.add_command(worker_command)
 main.add_command(upload_command)
 main.add_command(jobs_command)
 main.add_command(status_command)
+main.add_command(purge_command)
+main.add_command(warm_command)

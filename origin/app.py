@@ -5,6 +5,8 @@ Routes:
 * ``GET /healthz`` (process alive), ``GET /readyz`` (storage and Redis reachable);
 * ``/v1/…`` — the content team's API (bearer token ``KSHIPRA_UPLOAD_TOKEN``): uploads, resumable
   upload sessions, the asset catalogue;
+* ``POST /v1/purge`` — purges for the edges (bearer token ``KSHIPRA_PURGE_TOKEN``; see
+  :mod:`origin.purge`);
 * ``GET|HEAD /content/{kind}s/{id}/v{n}/{name}`` and ``…/{id}/latest.{ext}`` — what edges fetch.
 """
 
@@ -56,6 +58,8 @@ from origin.errors import (
     Unauthorized,
 )
 from origin.ingest import Ingest, PublishResult, check_kind, check_tags, session_view
+from origin.notifications import NOTIFICATIONS, start_notifications
+from origin.purge import PURGE_PATH, make_purge_handler
 from transcode.jobs import (
     JobLimits,
     TranscodeSubmitter,
@@ -125,7 +129,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The content team's API needs ``Authorization: Bearer $KSHIPRA_UPLOAD_TOKEN``."""
-    if request.path.startswith("/v1/"):
+    # /v1/purge checks the purge token itself (origin/purge.py).
+    if request.path.startswith("/v1/") and request.path != PURGE_PATH:
         expected = request.app[CONFIG].secrets.upload_token
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
@@ -727,7 +732,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             log.info("removed %d abandoned staged uploads", removed)
     except StorageError as exc:
         log.warning("could not sweep staged uploads: %s", exc)
+    # ---- S3 bucket notifications → purges (origin/notifications.py), when configured ----
+    notifications = start_notifications(config, redis_client, app[CATALOGUE])
+    if notifications is not None:
+        app[NOTIFICATIONS] = notifications
     yield
+    if notifications is not None:
+        await notifications.stop()
+    # ---- end of notifications ----
     await queue.disconnect()
     await redis_client.aclose()
     await store.close()
@@ -754,6 +766,7 @@ def create_app(config: KshipraConfig) -> web.Application:
     app.router.add_delete("/v1/uploads/{upload_id}", abort_upload)
     app.router.add_put("/v1/uploads/{upload_id}/parts/{number}", put_part)
     app.router.add_post("/v1/uploads/{upload_id}/complete", complete_upload)
+    app.router.add_post(PURGE_PATH, make_purge_handler(CONFIG, REDIS))
     app.router.add_route("GET", "/content/{tail:.*}", serve_content)
     app.router.add_route("HEAD", "/content/{tail:.*}", serve_content)
     return app

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from cdn_config import KshipraConfig
 from edge.app import EDGE, EdgeSettings, create_app
-from tests.conftest import AUTH, bundle_bytes, jpeg_bytes, origin_with_worker
+from tests.conftest import AUTH, PURGE_TOKEN, bundle_bytes, jpeg_bytes, origin_with_worker
 from tests.edge_fixtures import ScriptedOrigin, body_of
 
 Client = TestClient[Any, Any]
@@ -84,6 +84,7 @@ def edge_settings(name: str, upstream: str, disk_dir: Path) -> EdgeSettings:
         memory_bytes=16 * 1024**2,
         disk_bytes=256 * 1024**2,
         upstream_timeout_s=10.0,
+        purge_token=PURGE_TOKEN,  # one fleet: the shield keeps tags for its city edges
     )
 
 
