@@ -14,7 +14,10 @@ class Terminal:
     def __init__(self, *, json_output: bool = False, quiet: bool = False) -> None:
         self.json_output = json_output
         self.quiet = quiet
-        self.out = Console(highlight=False, soft_wrap=True)
+        # Piped output is read by scripts and logs: don't squeeze tables into 80 columns.
+        self.out = Console(
+            highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200
+        )
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
 
     @property

@@ -326,22 +326,42 @@ def _human_bytes(size: int) -> str:
 @click.option("--origin", "origin_url", envvar="KSHIPRA_ORIGIN_URL", help="Origin base URL")
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON object")
 def jobs_command(origin_url: str | None, json_output: bool) -> None:
-    """List assets and the state of their processing."""
+    """List the transcode queue's jobs and every asset's processing state."""
 
-    async def call(client: OriginClient) -> list[dict[str, Any]]:
-        return await client.list_assets()
+    async def call(client: OriginClient) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return await client.jobs(), await client.list_assets()
 
-    terminal, assets = _client_call(json_output, origin_url, call)
+    terminal, (queue, assets) = _client_call(json_output, origin_url, call)
     if json_output:
-        terminal.emit_json({"assets": assets})
+        terminal.emit_json({"queue": queue, "assets": assets})
         return
-    table = Table("asset", "kind", "status", "version", "size", "updated")
+    terminal.out.print(
+        f"queue: {queue.get('queued', 0)} queued, {queue.get('active', 0)} active, "
+        f"{queue.get('workers', 0)} worker(s)"
+    )
+    if queue.get("jobs"):
+        jobs_table = Table("job", "status", "attempts", "stage", "progress", "eta")
+        for job in queue["jobs"]:
+            progress = job.get("progress") or {}
+            eta = progress.get("eta_s")
+            jobs_table.add_row(
+                str(job["key"])[:60],
+                str(job.get("status")),
+                str(job.get("attempts")),
+                str(progress.get("stage", "")),
+                f"{progress.get('percent', 0):.0f}%",
+                "" if eta is None else f"{eta:.0f} s",
+            )
+        terminal.out.print(jobs_table)
+    table = Table("asset", "kind", "status", "published", "newest", "size", "updated")
     for asset in assets:
+        version = asset.get("version")
         table.add_row(
             asset["id"],
             asset["kind"],
             asset["status"],
-            f"v{asset['version']}",
+            "-" if version is None else f"v{version}",
+            f"v{asset['newest_version']} ({asset['newest_state']})",
             _human_bytes(asset["size_bytes"]),
             asset["updated_at"],
         )

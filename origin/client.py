@@ -144,6 +144,10 @@ class OriginClient:
         _, body = await self.request("GET", "/v1/assets")
         return list(body["assets"])
 
+    async def jobs(self) -> dict[str, Any]:
+        _, body = await self.request("GET", "/v1/jobs")
+        return dict(body)
+
     async def asset(self, asset_id: str) -> dict[str, Any]:
         _, body = await self.request("GET", f"/v1/assets/{asset_id}")
         return dict(body)

@@ -112,8 +112,14 @@ def test_jobs_and_status_show_the_catalogue(origin_process: OriginProcess, tmp_p
 
     jobs = kshipra("jobs", "--json", origin=origin_process)
     assert jobs.returncode == 0
-    listed = {asset["id"]: asset for asset in json.loads(jobs.stdout)["assets"]}
+    document = json.loads(jobs.stdout)
+    listed = {asset["id"]: asset for asset in document["assets"]}
     assert listed["leaf-cross-section"]["status"] == "published"
+    assert document["queue"]["workers"] >= 1
+    assert document["queue"]["active"] == 0  # the finished job left the queue
+    human = kshipra("jobs", origin=origin_process)
+    assert "leaf-cross-section" in human.stdout
+    assert "v1 (published)" in human.stdout
 
     status = kshipra("status", "leaf-cross-section", origin=origin_process)
     assert status.returncode == 0
