@@ -237,6 +237,8 @@ class Edge:
             )
         self.cache = TieredCache(memory, disk)
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+        self.purge_epoch = 0
+        """Counts applied purge batches; a fetch that spans one stores its answer soft-purged."""
         self._hit_for_miss: dict[str, float] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self.purge_consumer: PurgeConsumer | None = None
@@ -264,6 +266,7 @@ class Edge:
 
     async def apply_purges(self, purges: Sequence[Purge]) -> Applied:
         """purge: apply a batch of purges to every tier (see :mod:`edge.purge`)."""
+        self.purge_epoch += 1
         return await apply_purges(self.cache, self.host, purges)
 
     async def _sync_disk_forever(self, disk: DiskTier) -> None:
@@ -480,6 +483,7 @@ class Edge:
         self, request: web.Request, target: Target, key: str, stale: Hit | None
     ) -> Outcome:
         """One upstream request for a key, then backend_response and store."""
+        epoch = self.purge_epoch
         headers = self._upstream_headers(request, stale)
         try:
             started = time.monotonic()
@@ -493,12 +497,18 @@ class Edge:
                 _json_error(status, str(exc)),
                 exc.kind,
             )
-        return await self.backend_response(request, key, stale, response)
+        return await self.backend_response(request, key, stale, response, purge_epoch=epoch)
 
     # ---- backend_response and store ------------------------------------------------------
 
     async def backend_response(
-        self, request: web.Request, key: str, stale: Hit | None, response: UpstreamResponse
+        self,
+        request: web.Request,
+        key: str,
+        stale: Hit | None,
+        response: UpstreamResponse,
+        *,
+        purge_epoch: int | None = None,
     ) -> Outcome:
         if response.status == 304 and stale is not None:
             response.close()
@@ -572,6 +582,9 @@ class Edge:
             tags=tags,
             url_key=key,
             etag=get_one(stored_headers, "etag"),
+            # A purge applied while this response was on its way may have been meant for
+            # it: keep it, but revalidate before serving it as fresh.
+            soft_purged=purge_epoch is not None and purge_epoch != self.purge_epoch,
         )
         try:
             if total is not None:

@@ -685,3 +685,37 @@ def test_the_redis_option_wants_a_redis_url() -> None:
     )
     assert result.exit_code == 2
     assert "--redis" in result.output
+
+
+async def test_a_purge_during_an_in_flight_fetch_is_not_lost(
+    upstream: tuple[ScriptedOrigin, Any], make_edge: Any
+) -> None:
+    """The answer of a fetch that started before a purge may be the purged content: it is
+    stored, but revalidated before it is served as fresh."""
+    origin, _ = upstream
+    gate = asyncio.Event()
+    origin.script(
+        "/latest.json",
+        headers={"Cache-Control": "max-age=600", "ETag": '"old"', "Surrogate-Key": "bundle:x"},
+        body=b'{"v": "old"}',
+        gate=gate,
+        answer_304_to='"old"',
+        headers_304={"Cache-Control": "max-age=600", "ETag": '"old"'},
+    )
+    edge = await make_edge(purge_token=PURGE_TOKEN)
+    first = asyncio.create_task(edge.get("/latest.json"))
+    await origin.arrived.wait()
+    purge = await edge.post(
+        PURGE_PATH,
+        json={"tags": ["bundle:x"], "soft": True},
+        headers={"Authorization": f"Bearer {PURGE_TOKEN}"},
+    )
+    assert purge.status == 200
+    gate.set()
+    assert (await first).status == 200
+    origin.arrived.clear()
+    second = await edge.get("/latest.json")  # served stale at once (soft purge) ...
+    assert second.status == 200
+    await asyncio.wait_for(origin.arrived.wait(), 10)  # ... and revalidated, not kept fresh
+    assert origin.count("/latest.json") == 2
+    assert origin.requests_to("/latest.json")[-1].headers.get("If-None-Match") == '"old"'
