@@ -1047,6 +1047,11 @@ class Edge:
             and found.meta.etag == encoded_etag(meta.etag, coding)
             and found.meta.response_time >= meta.response_time
         ):
+            if (
+                found.meta.response_time == meta.response_time
+                and found.meta.soft_purged == meta.soft_purged
+            ):
+                return found, found.meta  # made from this very identity copy: reuse as is
             return found, replace(
                 found.meta,
                 headers=_merge_fresh(meta, found.meta),

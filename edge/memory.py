@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from edge.entry import EntryMeta
 from edge.policy import EvictionPolicy
 
-ENTRY_OVERHEAD_BYTES = 512
-"""Charged per entry on top of its body, for its metadata and index: a budget of many tiny
-objects must not overflow memory."""
+ENTRY_OVERHEAD_BYTES = 2048
+"""Charged per entry on top of its body, for its metadata and index (measured at about
+2.4 KB per entry, see BENCHMARKS.md): a budget of many tiny objects must not overflow
+memory."""
 
 
 @dataclass(frozen=True, slots=True)
