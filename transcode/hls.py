@@ -21,9 +21,12 @@ set to three B-frames with a pyramid so that delay is the same on every rung).
 
 from __future__ import annotations
 
+import ctypes
 import math
+import signal
 import struct
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -624,7 +627,13 @@ def run_ffmpeg(
     low, high = band
     stderr: list[bytes] = []
     with subprocess.Popen(
-        [ffmpeg, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [ffmpeg, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # If the worker is SIGKILLed, its ffmpeg must not keep encoding as an orphan while
+        # another worker redoes the job. Only async-signal-safe work happens in the child.
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
     ) as process:
         assert process.stdout is not None
         assert process.stderr is not None
@@ -745,6 +754,15 @@ def run_for_job(
 ) -> Outputs:
     """:func:`run` with the settings a job carries as JSON (see :func:`settings_from_job`)."""
     return run(source, out_dir, settings_from_job(settings), progress)
+
+
+def _die_with_parent() -> None:
+    """In the forked child, before exec: ask Linux to SIGKILL us when our parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _bundled_ffmpeg() -> str:
