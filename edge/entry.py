@@ -19,7 +19,14 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Literal
 
-from edge.rfc9111 import Freshness, FreshnessBasis, Headers, freshness_basis, get_one
+from edge.rfc9111 import (
+    EDGE_ONLY,
+    Freshness,
+    FreshnessBasis,
+    Headers,
+    freshness_basis,
+    get_one,
+)
 
 EntryKind = Literal["full", "vary", "sliced", "slice"]
 VARIANT_SEP = "\x00v:"
@@ -93,6 +100,29 @@ class EntryMeta:
             request_time=self.request_time,
             response_time=self.response_time,
         )
+
+    @cached_property
+    def delivery_headers(
+        self,
+    ) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...], str | None, bool]:
+        """Computed once per stored response for deliver: (client headers, CDN-only headers,
+        an upstream Cache-Status to append to, whether a Date is present). Age,
+        Content-Length and Cache-Status are left out: deliver sets them per response."""
+        client: list[tuple[str, str]] = []
+        edge_only: list[tuple[str, str]] = []
+        prior: list[str] = []
+        has_date = False
+        for key, value in self.headers:
+            lowered = key.lower()
+            if lowered in ("age", "content-length"):
+                continue
+            if lowered == "cache-status":
+                prior.append(value)
+                continue
+            if lowered == "date":
+                has_date = True
+            (edge_only if lowered in EDGE_ONLY else client).append((key, value))
+        return tuple(client), tuple(edge_only), ", ".join(prior) or None, has_date
 
     def freshness(self, now: float) -> Freshness:
         return self._basis.at(now, soft_purged=self.soft_purged)
