@@ -48,6 +48,7 @@ from edge.keys import (
     preferred_encoding,
     primary_key,
     secondary_key,
+    upstream_accept_encoding,
 )
 from edge.memory import MemoryTier
 from edge.metrics import EdgeMetrics
@@ -291,6 +292,8 @@ class Edge:
             await self.cache.disk.close()
 
     def _forward(self, request: web.Request, *, encoding: str) -> list[tuple[str, str]]:
+        if encoding != "identity" and "Available-Dictionary" in request.headers:
+            encoding = upstream_accept_encoding(request.headers.getall("Accept-Encoding", []))
         headers = forwarded_request_headers(request, encoding=encoding)
         if self.fleet_key is not None:
             headers.append((FLEET_HEADER, self.fleet_key))
@@ -363,8 +366,9 @@ class Edge:
     # ---- fetch (collapsed) ---------------------------------------------------------------
 
     def _collapse_key(self, key: str, request: web.Request) -> str:
-        accept_encoding = preferred_encoding(request.headers.getall("Accept-Encoding", []))
-        return f"{key}{VARIANT_SEP}{accept_encoding}"
+        accept_encoding = upstream_accept_encoding(request.headers.getall("Accept-Encoding", []))
+        dictionary = request.headers.get("Available-Dictionary", "")
+        return f"{key}{VARIANT_SEP}{accept_encoding}{VARIANT_SEP}{dictionary}"
 
     async def fetch_and_deliver(
         self,

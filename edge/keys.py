@@ -131,10 +131,27 @@ def preferred_encoding(accept_encoding_values: Sequence[str]) -> Encoding:
     return best
 
 
+def accepts_dictionary_encoding(values: Sequence[str]) -> bool:
+    """The client takes RFC 9842 ``dcz`` (a delta against a dictionary it holds)."""
+    for item in split_list(values):
+        coding, *params = [part.strip() for part in item.split(";")]
+        if coding.lower() == "dcz":
+            return not any(p.replace(" ", "").lower() in ("q=0", "q=0.0", "q=0.00") for p in params)
+    return False
+
+
+def upstream_accept_encoding(values: Sequence[str]) -> str:
+    """What the edge asks upstream for: the one preferred coding, plus ``dcz`` for clients
+    that take dictionary deltas (the origin sends one only for a dictionary it knows, named by
+    the request's ``Available-Dictionary``)."""
+    preferred = preferred_encoding(values)
+    return f"dcz, {preferred}" if accepts_dictionary_encoding(values) else preferred
+
+
 def normalise_field(name: str, values: Sequence[str]) -> str:
     """A request field's value as a Vary secondary key component."""
     if name == "accept-encoding":
-        return preferred_encoding(values)
+        return upstream_accept_encoding(values)
     if name == "accept":
         accepted = {item.split(";")[0].strip().lower() for item in split_list(values)}
         for image_format in ("image/avif", "image/webp"):
