@@ -32,6 +32,7 @@ from cdn_config import KshipraConfig
 from origin.blobstore import BlobStore, StorageError, open_blob_store
 from origin.blobstore.local import LocalDirBlobStore
 from origin.catalogue import (
+    ASSET_ID_RE,
     Catalogue,
     Manifest,
     Rendition,
@@ -401,7 +402,7 @@ async def _resolve(request: web.Request) -> tuple[Manifest, Rendition, int, bool
     if match is None:
         raise NotFound("not_found", f"nothing is published at {request.path}")
     asset_id = match["id"]
-    if asset_id not in (None, "") and not re.match(r"^[a-z0-9][a-z0-9._-]{0,99}$", asset_id):
+    if not ASSET_ID_RE.match(asset_id):
         raise NotFound("not_found", f"nothing is published at {request.path}")
     manifest = await request.app[CATALOGUE].get(asset_id)
     if manifest is None or manifest.kind != match["kind"]:

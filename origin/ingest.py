@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict
 
 from cdn_config import UploadLimits
-from origin.blobstore import BlobInfo, BlobNotFoundError, BlobStore, PartInfo
+from origin.blobstore import BlobNotFoundError, BlobStore, PartInfo
 from origin.catalogue import (
     AssetLayout,
     Catalogue,
@@ -517,20 +517,24 @@ class Ingest:
         session = await self._load_session(upload_id)
         return session, await self.received_parts(session)
 
-    async def received_parts(self, session: SessionRecord) -> list[int]:
+    async def _received(self, session: SessionRecord) -> dict[int, tuple[PartInfo, str]]:
+        """Parts both stored and recorded with the same size: number → (part, sha256 hex)."""
         digests = await self._redis.hgetall(self._session_key(session.upload_id) + ":parts")
         try:
             stored = await self._store.list_parts(session.staging_key, session.storage_upload_id)
         except BlobNotFoundError:
-            return []
-        sizes = {part.part_number: part.size_bytes for part in stored}
-        received = []
+            return {}
+        by_number = {part.part_number: part for part in stored}
+        received = {}
         for raw_number, value in digests.items():
-            number = int(raw_number)
-            size_text = str(value).split(":", 1)[0]
-            if sizes.get(number) == int(size_text):
-                received.append(number)
-        return sorted(received)
+            size_text, _, digest = str(value).partition(":")
+            part = by_number.get(int(raw_number))
+            if part is not None and part.size_bytes == int(size_text):
+                received[part.part_number] = (part, digest)
+        return received
+
+    async def received_parts(self, session: SessionRecord) -> list[int]:
+        return sorted(await self._received(session))
 
     async def put_part(
         self, upload_id: str, number: int, chunks: AsyncIterator[bytes]
@@ -592,7 +596,7 @@ class Ingest:
             if manifest is None:
                 raise NotFound("unknown_asset", f"asset {session.asset_id!r} no longer exists")
             return PublishResult(manifest, created=False, version=manifest.newest.version)
-        received = await self.received_parts(session)
+        received = await self._received(session)
         missing = sorted(set(range(1, session.parts_total + 1)) - set(received))
         if missing:
             raise Conflict(
@@ -601,10 +605,8 @@ class Ingest:
                 f"(first: {missing[0]})",
                 missing=missing[:100],
             )
-        digests_raw = await self._redis.hgetall(self._session_key(upload_id) + ":parts")
-        digests = {int(k): str(v).split(":", 1)[1] for k, v in digests_raw.items()}
         actual_hash = combine_block_digests(
-            bytes.fromhex(digests[n]) for n in range(1, session.parts_total + 1)
+            bytes.fromhex(received[n][1]) for n in range(1, session.parts_total + 1)
         )
         if actual_hash != session.content_hash:
             await self.abort(upload_id)
@@ -613,10 +615,7 @@ class Ingest:
                 f"the parts hash to {actual_hash}, not the declared {session.content_hash}; "
                 "the upload was discarded",
             )
-        stored = await self._store.list_parts(session.staging_key, session.storage_upload_id)
-        parts: list[PartInfo] = sorted(
-            (p for p in stored if p.part_number in digests), key=lambda p: p.part_number
-        )
+        parts = [received[n][0] for n in range(1, session.parts_total + 1)]
         await self._store.complete_multipart(session.staging_key, session.storage_upload_id, parts)
         head = await self._store.get(
             session.staging_key, end=min(session.size_bytes, SNIFF_BYTES) - 1
@@ -689,7 +688,3 @@ def session_view(session: SessionRecord, received: list[int]) -> dict[str, Any]:
         "received_parts": received,
         "state": session.state,
     }
-
-
-def blob_summary(info: BlobInfo) -> dict[str, Any]:
-    return {"key": info.key, "size_bytes": info.size_bytes}

@@ -37,7 +37,7 @@ from saq import Queue
 
 from cdn_config import KshipraConfig
 from origin.blobstore import BlobStore
-from origin.catalogue import AssetLayout, Catalogue, Manifest, Rendition, Version, now_utc
+from origin.catalogue import Catalogue, Manifest, Rendition, Version, now_utc
 from transcode.base import Outputs, PermanentFault
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class Publisher:
         published = 0
         for member in await self._redis.smembers(WAITERS_PREFIX + key):
             asset_id, _, number = str(member).rpartition(":")
-            if await self._publish_one(asset_id, int(number), record):
+            if await self._settle(asset_id, int(number), failed=None, record=record):
                 published += 1
             await self._redis.srem(WAITERS_PREFIX + key, member)
         return published
@@ -184,9 +184,6 @@ class Publisher:
             asset_id, _, number = str(member).rpartition(":")
             await self._settle(asset_id, int(number), failed=reason, record=None)
             await self._redis.srem(WAITERS_PREFIX + key, member)
-
-    async def _publish_one(self, asset_id: str, number: int, record: dict[str, Any]) -> bool:
-        return await self._settle(asset_id, number, failed=None, record=record)
 
     async def _settle(
         self, asset_id: str, number: int, *, failed: str | None, record: dict[str, Any] | None
@@ -269,7 +266,7 @@ class Publisher:
         rewritten = rewrite_playlist_uris((await reader.read_all()).decode(), f"v{number}/")
         body = rewritten.encode()
         key = f"assets/{manifest.id}/v{number}-latest.m3u8"
-        info = await self._store.put(key, body, content_type="application/vnd.apple.mpegurl")
+        await self._store.put(key, body, content_type="application/vnd.apple.mpegurl")
         name = "latest-master.m3u8"
         renditions[name] = Rendition(
             key=key,
@@ -277,7 +274,6 @@ class Publisher:
             content_type="application/vnd.apple.mpegurl",
             etag=f'"{hashlib.sha256(body).hexdigest()[:40]}"',
         )
-        del info
         return name
 
 
@@ -488,7 +484,6 @@ async def progress_of(redis: aioredis.Redis, key: str) -> dict[str, Any] | None:
 __all__ = [
     "PURGE_STREAM",
     "QUEUE_NAME",
-    "AssetLayout",
     "JobLimits",
     "Publisher",
     "TranscodeSubmitter",
