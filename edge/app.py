@@ -29,18 +29,17 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11, RawRequestMessage
 from multidict import CIMultiDict
 
 from edge.cache import Hit, TieredCache
 from edge.compression import (
     INLINE_COMPRESS_BYTES,
-    MAX_COMPRESS_BYTES,
-    MIN_COMPRESS_BYTES,
     compress,
     encoded_etag,
-    is_compressible,
 )
 from edge.entry import ENCODING_SEP, SLICE_SEP, VARIANT_SEP, EntryMeta
+from edge.express import ExpressAppRunner, render_head
 from edge.keys import (
     BadTarget,
     Target,
@@ -85,6 +84,7 @@ from edge.rfc9111 import (
 )
 from edge.tiers.disk import CorruptEntryError, DiskTier
 from edge.upstream import Upstream, UpstreamError, UpstreamResponse
+from kshipra.serve import RUNNER
 from origin.delivery import (
     ByteSpan,
     Unsatisfiable,
@@ -107,6 +107,25 @@ TTLs. Anyone else gets them stripped."""
 ERROR_BODY_LIMIT_BYTES = 256 * 1024
 SENDFILE_CHUNK_BYTES = 256 * 1024
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+_HTTP11 = HttpVersion11
+_EXPRESS_BLOCKERS = (
+    "Range",
+    "If-Range",
+    *_CONDITIONALS,
+    "Cache-Control",
+    "Pragma",
+    "Available-Dictionary",
+    FLEET_HEADER,
+    PURGE_SEEN_HEADER,
+    "Expect",
+    "Content-Length",
+    "Transfer-Encoding",
+)
+"""Request fields that ask the edge for more than a stored response's bytes: such requests
+take the full flow, never the express lane."""
+_NO_CONTROLS = RequestControls()
+_OWN_ROUTES = frozenset({"/healthz", "/metrics"})
+_EXPRESS_KEYS_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -243,6 +262,8 @@ class Edge:
         self._hit_for_miss: dict[str, float] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self.purge_consumer: PurgeConsumer | None = None
+        self._express_keys: dict[str, str] = {}
+        self._express_codings: dict[str, str] = {}
 
     async def start(self) -> None:
         await self.upstream.start()
@@ -823,6 +844,145 @@ class Edge:
             await self.cache.remove(key)
         return len(doomed)
 
+    # ---- the express lane (see edge/express.py) --------------------------------------------
+
+    def express(self, message: RawRequestMessage) -> tuple[bytes, ...] | None:
+        """The complete response to a request that the full flow would answer with a plain
+        fresh hit from the memory tier, or ``None``: the request goes through :meth:`handle`.
+
+        It qualifies when it is an HTTP/1.1 ``GET`` without fields asking for more than the
+        stored bytes (see :data:`_EXPRESS_BLOCKERS`), for a path outside the edge's own
+        routes, whose stored response is a fresh, whole ``200`` in memory — and, when the
+        client takes Brotli or gzip and the response is compressible, whose encoded copy was
+        already made from that very response. The bytes are what :meth:`deliver` would send
+        (``tests/test_edge_express.py`` compares the two).
+        """
+        if message.method != "GET" or message.version != _HTTP11:
+            return None
+        headers = message.headers
+        for name in _EXPRESS_BLOCKERS:
+            if name in headers:
+                return None
+        if sum(len(name) + len(value) + 4 for name, value in message.raw_headers) > (
+            MAX_HEADER_BLOCK_BYTES
+        ):
+            return None  # the full flow answers 431
+        url_key = self._express_keys.get(message.path)
+        if url_key is None:
+            url_key = self._express_key(message.path)
+            if url_key is None:
+                return None
+        memory = self.cache.memory
+        entry = memory.peek(url_key)
+        if entry is None:
+            return None
+        marker = None
+        if entry.meta.kind == "vary":
+            marker = entry
+            entry = memory.peek(
+                url_key + VARIANT_SEP + secondary_key(entry.meta.vary, list(headers.items()))
+            )
+            if entry is None:
+                return None
+        meta = entry.meta
+        if meta.kind != "full" or meta.status != 200:
+            return None
+        now = time.time()
+        freshness = meta.freshness(now)
+        if reuse(freshness, _NO_CONTROLS) != "fresh":
+            return None
+        served = entry
+        if meta.encodable:
+            coding = self._express_coding(headers.getall("Accept-Encoding", []))
+            if coding != "identity":
+                encoded = memory.peek(entry.key + ENCODING_SEP + coding)
+                if (
+                    encoded is None
+                    or encoded.meta.etag != encoded_etag(meta.etag, coding)
+                    or encoded.meta.response_time != meta.response_time
+                    or encoded.meta.soft_purged != meta.soft_purged
+                ):
+                    return None  # the full flow makes (or refreshes) the encoded copy
+                served = encoded
+        head = served.express_head
+        if head is None:
+            head = self._express_head(served.meta)
+            if head is None:
+                return None
+            served.express_head = head
+        if marker is not None:
+            memory.touch(marker.key)
+        memory.touch(entry.key)
+        if served is not entry:
+            memory.touch(served.key)
+        metrics = self.metrics
+        metrics.hits += 1
+        metrics.express_hits += 1
+        body = served.body
+        metrics.client_bytes += len(body)
+        ttl = int(freshness.ttl_s)
+        age = int(freshness.age_s)
+        return head, f"{ttl}\r\nAge: {age}\r\n\r\n".encode(), body
+
+    def _express_key(self, raw_target: str) -> str | None:
+        """The cache key of an express candidate's target, or ``None`` for a target the full
+        flow must see (the edge's own routes, a malformed target). Remembered per raw
+        target, within a bound."""
+        path = raw_target.partition("?")[0]
+        if path in _OWN_ROUTES or path.startswith("/.kshipra"):
+            return None
+        try:
+            target = normalise_target(raw_target)
+        except BadTarget:
+            return None
+        if target.path in _OWN_ROUTES or target.path.startswith("/.kshipra"):
+            return None
+        key = primary_key(self.host, target)
+        keys = self._express_keys
+        if len(keys) >= _EXPRESS_KEYS_MAX:
+            keys.clear()
+        keys[raw_target] = key
+        return key
+
+    def _express_coding(self, accept_encoding: list[str]) -> str:
+        """:func:`preferred_encoding`, remembered per ``Accept-Encoding`` value (phones send
+        a handful of distinct ones)."""
+        if not accept_encoding:
+            return "identity"
+        if len(accept_encoding) != 1:
+            return preferred_encoding(accept_encoding)
+        value = accept_encoding[0]
+        codings = self._express_codings
+        coding = codings.get(value)
+        if coding is None:
+            coding = preferred_encoding(accept_encoding)
+            if len(codings) >= _EXPRESS_KEYS_MAX:
+                codings.clear()
+            codings[value] = coding
+        return coding
+
+    def _express_head(self, meta: EntryMeta) -> bytes | None:
+        """The response head :meth:`deliver` sends for a fresh hit on *meta*, up to the
+        ``ttl`` of its ``Cache-Status``."""
+        client, _edge_only, prior, has_date = meta.delivery_headers
+        fields = list(client)
+        if not has_date:
+            fields.append(("Date", http_date(meta.response_time)))
+        if meta.varies_on_encoding and "accept-encoding" not in {
+            v.strip().lower() for v in split_list(get_all(client, "vary"))
+        }:
+            fields.append(("Vary", "Accept-Encoding"))
+        fields.append(("Accept-Ranges", "bytes"))
+        fields.append(("Content-Length", str(meta.body_bytes)))
+        if meta.body_bytes and get_one(client, "content-type") is None:
+            fields.append(("Content-Type", "application/octet-stream"))  # as aiohttp does
+        own = self._cache_status("hit; ttl=")
+        return render_head(
+            status_line=b"HTTP/1.1 200 OK\r\n",
+            fields=fields,
+            cache_status_prefix=own if prior is None else f"{prior}, {own}",
+        )
+
     # ---- deliver -------------------------------------------------------------------------
 
     def _cache_status(self, status: str) -> str:
@@ -850,10 +1010,7 @@ class Edge:
         headers = self._response_headers(
             meta, now, status, keep_edge_fields=self.from_fleet(request)
         )
-        compressible = is_compressible(meta.header("content-type")) and meta.header(
-            "content-encoding"
-        ) in (None, *("br", "gzip"))
-        if compressible and "accept-encoding" not in {
+        if meta.varies_on_encoding and "accept-encoding" not in {
             v.strip().lower() for v in split_list(headers.getall("Vary", []))
         }:
             headers.add("Vary", "Accept-Encoding")
@@ -1027,11 +1184,7 @@ class Edge:
     async def _encoded_variant(self, request: web.Request, hit: Hit) -> tuple[Hit, EntryMeta]:
         """deliver with the best encoding the client accepts, making and storing it once."""
         meta = hit.meta
-        if meta.header("content-encoding") is not None or not is_compressible(
-            meta.header("content-type")
-        ):
-            return hit, meta
-        if not MIN_COMPRESS_BYTES <= meta.body_bytes <= MAX_COMPRESS_BYTES:
+        if not meta.encodable:
             return hit, meta
         coding = preferred_encoding(request.headers.getall("Accept-Encoding", []))
         if coding == "identity":
@@ -1174,12 +1327,19 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await edge.stop()
 
 
+def express_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
+    """The edge's runner: its connections answer plain fresh hits on the express lane
+    (:mod:`edge.express`)."""
+    return ExpressAppRunner(app, express=lambda started: started[EDGE].express, **kwargs)
+
+
 def create_app(settings: EdgeSettings) -> web.Application:
     """The edge application: ``/healthz``, ``/metrics``, ``POST /.kshipra/purge`` and
     everything else proxied."""
     app = web.Application(client_max_size=MAX_UNSAFE_BODY_BYTES)
     app[EDGE] = Edge(settings)
     app.cleanup_ctx.append(_lifecycle)
+    app[RUNNER] = express_runner
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/metrics", metrics_handler, allow_head=False)
     app.router.add_post(PURGE_PATH, purge_handler)

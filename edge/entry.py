@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Literal
 
+from edge.compression import MAX_COMPRESS_BYTES, MIN_COMPRESS_BYTES, is_compressible
 from edge.rfc9111 import (
     EDGE_ONLY,
     Freshness,
@@ -123,6 +124,25 @@ class EntryMeta:
                 has_date = True
             (edge_only if lowered in EDGE_ONLY else client).append((key, value))
         return tuple(client), tuple(edge_only), ", ".join(prior) or None, has_date
+
+    @cached_property
+    def encodable(self) -> bool:
+        """The edge makes its own Brotli and gzip copies of this response: a compressible
+        type, not encoded by upstream, of a size worth compressing."""
+        return (
+            self.header("content-encoding") is None
+            and is_compressible(self.header("content-type"))
+            and MIN_COMPRESS_BYTES <= self.body_bytes <= MAX_COMPRESS_BYTES
+        )
+
+    @cached_property
+    def varies_on_encoding(self) -> bool:
+        """Its delivery depends on the client's ``Accept-Encoding`` (``Vary`` says so)."""
+        return is_compressible(self.header("content-type")) and self.header("content-encoding") in (
+            None,
+            "br",
+            "gzip",
+        )
 
     def freshness(self, now: float) -> Freshness:
         return self._basis.at(now, soft_purged=self.soft_purged)

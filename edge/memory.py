@@ -15,11 +15,14 @@ ENTRY_OVERHEAD_BYTES = 2048
 memory."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MemoryEntry:
     key: str
     meta: EntryMeta
     body: bytes
+    express_head: bytes | None = None
+    """The response head the express lane rendered for this entry (see
+    :mod:`edge.express`), kept with it so that it goes when the entry or its metadata does."""
 
 
 class MemoryTier:
@@ -37,6 +40,10 @@ class MemoryTier:
         if entry is not None:
             self._policy.hit(key)
         return entry
+
+    def touch(self, key: str) -> None:
+        """Count an access to a present key (after a :meth:`peek` that served it)."""
+        self._policy.hit(key)
 
     def peek(self, key: str) -> MemoryEntry | None:
         """Look without counting an access (purges, background refreshes)."""

@@ -10,6 +10,17 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
+RunnerFactory = Callable[..., web.AppRunner]
+RUNNER: web.AppKey[RunnerFactory] = web.AppKey("runner")
+"""An application that needs its own runner (the edge: its express lane) sets this; the
+factory is called like :class:`aiohttp.web.AppRunner`."""
+
+
+def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
+    """The runner *app* asks for under :data:`RUNNER`, else a plain ``AppRunner``."""
+    factory = app.get(RUNNER, web.AppRunner)
+    return factory(app, **kwargs)
+
 
 async def serve_apps(
     sites: Sequence[tuple[web.Application, str, int]],
@@ -27,7 +38,7 @@ async def serve_apps(
     urls: list[str] = []
     try:
         for app, host, port in sites:
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            runner = make_runner(app, access_log=None, handle_signals=False)
             await runner.setup()
             runners.append(runner)
             site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)

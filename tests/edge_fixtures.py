@@ -17,7 +17,16 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from edge.app import EdgeSettings, create_app
+from kshipra.serve import make_runner
 from origin.delivery import ByteSpan, Unsatisfiable, select_range
+
+
+class EdgeServer(TestServer):
+    """An edge application on loopback with the runner ``kshipra edge`` uses (its
+    connections take the express lane for plain fresh hits)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return make_runner(self.app, **kwargs)
 
 
 @dataclass
@@ -138,7 +147,7 @@ def make_edge(
             upstream_timeout_s=5.0,
             **overrides,
         )
-        client: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
+        client: TestClient[Any, Any] = await aiohttp_client(EdgeServer(create_app(settings)))
         return client
 
     return make

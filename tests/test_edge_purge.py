@@ -37,7 +37,7 @@ from edge.purge import (
     url_key_of,
 )
 from tests.conftest import PURGE_TOKEN, free_port
-from tests.edge_fixtures import ScriptedOrigin
+from tests.edge_fixtures import EdgeServer, ScriptedOrigin
 
 Upstream = tuple[ScriptedOrigin, TestServer]
 Client = TestClient[Any, Any]
@@ -618,7 +618,7 @@ async def test_a_parent_catches_up_before_answering_a_child_that_is_ahead(
         purge_token=PURGE_TOKEN,
         redis_url=url,
     )
-    child: Client = await aiohttp_client(create_app(child_settings))
+    child: Client = await aiohttp_client(EdgeServer(create_app(child_settings)))
     first = await child.get("/a.txt", headers={"Accept-Encoding": "identity"})
     assert await first.read() == BODY
     script_text(origin, "/a.txt", etag='"v2"', tags="t-a")

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from cdn_config import KshipraConfig
 from edge.app import EDGE, EdgeSettings, create_app
 from tests.conftest import AUTH, PURGE_TOKEN, bundle_bytes, jpeg_bytes, origin_with_worker
-from tests.edge_fixtures import ScriptedOrigin, body_of
+from tests.edge_fixtures import EdgeServer, ScriptedOrigin, body_of
 
 Client = TestClient[Any, Any]
 Upstream = tuple[ScriptedOrigin, TestServer]
@@ -103,11 +103,13 @@ async def topology(
     origin: Client = await aiohttp_client(origin_app)
     origin_url = str(origin.make_url("")).rstrip("/")
     shield: Client = await aiohttp_client(
-        create_app(edge_settings("mumbai-shield", origin_url, tmp_path / "shield"))
+        EdgeServer(create_app(edge_settings("mumbai-shield", origin_url, tmp_path / "shield")))
     )
     shield_url = str(shield.make_url("")).rstrip("/")
     cities = {
-        name: await aiohttp_client(create_app(edge_settings(name, shield_url, tmp_path / name)))
+        name: await aiohttp_client(
+            EdgeServer(create_app(edge_settings(name, shield_url, tmp_path / name)))
+        )
         for name in CITIES
     }
     return Topology(origin, served, shield, cities)

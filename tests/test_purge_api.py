@@ -39,6 +39,7 @@ from tests.conftest import (
     make_config,
     origin_with_worker,
 )
+from tests.edge_fixtures import EdgeServer
 
 STREAM = "kshipra:purges"
 PURGE_AUTH = {"Authorization": f"Bearer {PURGE_TOKEN}"}
@@ -82,7 +83,7 @@ def make_real_edge(aiohttp_client: Any, redis_url: str) -> Callable[..., Awaitab
             purge_token=PURGE_TOKEN,
             redis_url=redis_url,
         )
-        client: Client = await aiohttp_client(create_edge_app(settings))
+        client: Client = await aiohttp_client(EdgeServer(create_edge_app(settings)))
         return client
 
     return make
