@@ -369,7 +369,10 @@ class Freshness:
 
     @property
     def ttl_s(self) -> float:
-        return self.lifetime_s - self.age_s
+        """Remaining freshness (RFC 9211 ``ttl``): negative once stale, and at most 0 once
+        soft-purged (the purge ended its freshness)."""
+        remaining = self.lifetime_s - self.age_s
+        return min(remaining, 0.0) if self.soft_purged else remaining
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,6 +134,7 @@ async def test_stale_soft_purged_and_non_get_requests_are_not_express(
     await edge_of(edge).apply_purges([Purge("url", "/p.txt", True, "local-1", 0.0)])
     after = await edge.get("/p.txt")  # soft-purged: served stale while it revalidates
     assert await after.read() == b"P"
+    assert after.headers["Cache-Status"] == "test-edge; hit; ttl=0"
     assert express_hits(edge) == 0
 
 
