@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11, RawRequestMessage
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from edge.cache import Hit, TieredCache
 from edge.compression import (
@@ -49,7 +49,7 @@ from edge.keys import (
     secondary_key,
     upstream_accept_encoding,
 )
-from edge.memory import MemoryTier
+from edge.memory import MemoryEntry, MemoryTier
 from edge.metrics import EdgeMetrics
 from edge.policy import make_policy
 from edge.purge import (  # purge: stream consumer and operator endpoint
@@ -111,7 +111,8 @@ _HTTP11 = HttpVersion11
 _EXPRESS_BLOCKERS = (
     "Range",
     "If-Range",
-    *_CONDITIONALS,
+    "If-Match",
+    "If-Unmodified-Since",
     "Cache-Control",
     "Pragma",
     "Available-Dictionary",
@@ -125,6 +126,10 @@ _EXPRESS_BLOCKERS = (
 take the full flow, never the express lane."""
 _NO_CONTROLS = RequestControls()
 _OWN_ROUTES = frozenset({"/healthz", "/metrics"})
+_EPOCH = datetime.fromtimestamp(0, UTC)
+_NOT_IN_304 = frozenset({"content-type", "content-encoding", "content-range", "accept-ranges"})
+"""What deliver leaves out of a 304 (RFC 9110 §15.4.5 keeps the validators and caching
+fields)."""
 _EXPRESS_KEYS_MAX = 4096
 
 
@@ -854,8 +859,10 @@ class Edge:
         stored bytes (see :data:`_EXPRESS_BLOCKERS`), for a path outside the edge's own
         routes, whose stored response is a fresh, whole ``200`` in memory — and, when the
         client takes Brotli or gzip and the response is compressible, whose encoded copy was
-        already made from that very response. The bytes are what :meth:`deliver` would send
-        (``tests/test_edge_express.py`` compares the two).
+        already made from that very response. ``If-None-Match`` (the revalidation phones send
+        when their own copy expires) is answered here too: ``304`` or the whole ``200``. The
+        bytes are what :meth:`deliver` would send (``tests/test_edge_express.py`` compares
+        the two).
         """
         if message.method != "GET" or message.version != _HTTP11:
             return None
@@ -863,6 +870,9 @@ class Edge:
         for name in _EXPRESS_BLOCKERS:
             if name in headers:
                 return None
+        if_none_match = headers.get("If-None-Match")
+        if if_none_match is None and "If-Modified-Since" in headers:
+            return None  # (with If-None-Match, If-Modified-Since is ignored: RFC 9110 §13.2.2)
         if sum(len(name) + len(value) + 4 for name, value in message.raw_headers) > (
             MAX_HEADER_BLOCK_BYTES
         ):
@@ -887,29 +897,24 @@ class Edge:
         meta = entry.meta
         if meta.kind != "full" or meta.status != 200:
             return None
-        now = time.time()
-        freshness = meta.freshness(now)
+        freshness = meta.freshness(time.time())
         if reuse(freshness, _NO_CONTROLS) != "fresh":
             return None
-        served = entry
-        if meta.encodable:
-            coding = self._express_coding(headers.getall("Accept-Encoding", []))
-            if coding != "identity":
-                encoded = memory.peek(entry.key + ENCODING_SEP + coding)
-                if (
-                    encoded is None
-                    or encoded.meta.etag != encoded_etag(meta.etag, coding)
-                    or encoded.meta.response_time != meta.response_time
-                    or encoded.meta.soft_purged != meta.soft_purged
-                ):
-                    return None  # the full flow makes (or refreshes) the encoded copy
-                served = encoded
-        head = served.express_head
-        if head is None:
-            head = self._express_head(served.meta)
-            if head is None:
+        served = self._express_encoded(entry, headers) if meta.encodable else entry
+        if served is None:
+            return None  # the full flow makes (or refreshes) the encoded copy
+        not_modified = False
+        if if_none_match is not None:
+            etag = served.meta.header("etag")
+            if etag is None:
                 return None
-            served.express_head = head
+            not_modified = (
+                evaluate_preconditions("GET", headers, etag=etag, last_modified=_EPOCH)
+                == "not-modified"
+            )
+        head = self._express_head_of(served, not_modified=not_modified)
+        if head is None:
+            return None
         if marker is not None:
             memory.touch(marker.key)
         memory.touch(entry.key)
@@ -918,11 +923,31 @@ class Edge:
         metrics = self.metrics
         metrics.hits += 1
         metrics.express_hits += 1
+        tail = f"{int(freshness.ttl_s)}\r\nAge: {int(freshness.age_s)}\r\n\r\n".encode()
+        if not_modified:
+            return head, tail
         body = served.body
         metrics.client_bytes += len(body)
-        ttl = int(freshness.ttl_s)
-        age = int(freshness.age_s)
-        return head, f"{ttl}\r\nAge: {age}\r\n\r\n".encode(), body
+        return head, tail, body
+
+    def _express_encoded(
+        self, entry: MemoryEntry, headers: CIMultiDictProxy[str]
+    ) -> MemoryEntry | None:
+        """The entry to send a client that takes Brotli or gzip: the encoded copy made from
+        this very response (``None`` if there is none yet), or *entry* itself."""
+        coding = self._express_coding(headers.getall("Accept-Encoding", []))
+        if coding == "identity":
+            return entry
+        meta = entry.meta
+        encoded = self.cache.memory.peek(entry.key + ENCODING_SEP + coding)
+        if (
+            encoded is None
+            or encoded.meta.etag != encoded_etag(meta.etag, coding)
+            or encoded.meta.response_time != meta.response_time
+            or encoded.meta.soft_purged != meta.soft_purged
+        ):
+            return None
+        return encoded
 
     def _express_key(self, raw_target: str) -> str | None:
         """The cache key of an express candidate's target, or ``None`` for a target the full
@@ -961,24 +986,41 @@ class Edge:
             codings[value] = coding
         return coding
 
-    def _express_head(self, meta: EntryMeta) -> bytes | None:
-        """The response head :meth:`deliver` sends for a fresh hit on *meta*, up to the
-        ``ttl`` of its ``Cache-Status``."""
+    def _express_head_of(self, entry: MemoryEntry, *, not_modified: bool) -> bytes | None:
+        """*entry*'s rendered head (``304`` or ``200``), rendered on first use."""
+        if not_modified:
+            head = entry.express_304_head
+            if head is None:
+                head = entry.express_304_head = self._express_head(entry.meta, status=304)
+        else:
+            head = entry.express_head
+            if head is None:
+                head = entry.express_head = self._express_head(entry.meta, status=200)
+        return head
+
+    def _express_head(self, meta: EntryMeta, *, status: int) -> bytes | None:
+        """The response head :meth:`deliver` sends for a fresh hit on *meta* (``200``, or
+        ``304`` to a matching ``If-None-Match``), up to the ``ttl`` of its ``Cache-Status``."""
         client, _edge_only, prior, has_date = meta.delivery_headers
         fields = list(client)
+        if status == 304:
+            fields = [(k, v) for k, v in fields if k.lower() not in _NOT_IN_304]
         if not has_date:
             fields.append(("Date", http_date(meta.response_time)))
         if meta.varies_on_encoding and "accept-encoding" not in {
             v.strip().lower() for v in split_list(get_all(client, "vary"))
         }:
             fields.append(("Vary", "Accept-Encoding"))
-        fields.append(("Accept-Ranges", "bytes"))
-        fields.append(("Content-Length", str(meta.body_bytes)))
-        if meta.body_bytes and get_one(client, "content-type") is None:
-            fields.append(("Content-Type", "application/octet-stream"))  # as aiohttp does
+        if status == 200:
+            fields.append(("Accept-Ranges", "bytes"))
+            fields.append(("Content-Length", str(meta.body_bytes)))
+            if meta.body_bytes and get_one(client, "content-type") is None:
+                fields.append(("Content-Type", "application/octet-stream"))  # as aiohttp does
         own = self._cache_status("hit; ttl=")
         return render_head(
-            status_line=b"HTTP/1.1 200 OK\r\n",
+            status_line=b"HTTP/1.1 200 OK\r\n"
+            if status == 200
+            else b"HTTP/1.1 304 Not Modified\r\n",
             fields=fields,
             cache_status_prefix=own if prior is None else f"{prior}, {own}",
         )

@@ -96,7 +96,11 @@ class ExpressRequestHandler(RequestHandler):
                 or message.upgrade
             ):
                 break
-            buffers = self._express(message)
+            try:
+                buffers = self._express(message)
+            except Exception:  # a bug here must cost speed, not the connection
+                log.exception("express lane failed; the full request flow answers instead")
+                buffers = None
             if buffers is None:
                 break
             messages.popleft()

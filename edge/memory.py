@@ -23,6 +23,8 @@ class MemoryEntry:
     express_head: bytes | None = None
     """The response head the express lane rendered for this entry (see
     :mod:`edge.express`), kept with it so that it goes when the entry or its metadata does."""
+    express_304_head: bytes | None = None
+    """Ditto, for a ``304`` to a matching ``If-None-Match``."""
 
 
 class MemoryTier:

@@ -86,12 +86,58 @@ async def test_encoded_copies_are_served_on_the_express_lane_once_made(
     assert origin.count("/big.json") == 1
 
 
+IDENTITY = {"Accept-Encoding": "identity"}
+BR = {"Accept-Encoding": "br"}
+
+
+@pytest.mark.parametrize(
+    ("validators", "status"),
+    [
+        ({**IDENTITY, "If-None-Match": '"v1"'}, 304),
+        ({**IDENTITY, "If-None-Match": 'W/"v1"'}, 304),  # weak comparison (RFC 9110 §13.1.2)
+        ({**IDENTITY, "If-None-Match": '"v0", "v1", "v2"'}, 304),
+        ({**IDENTITY, "If-None-Match": 'v1, "v2"'}, 200),  # an unquoted tag is no tag
+        ({**IDENTITY, "If-None-Match": "*"}, 304),
+        ({**IDENTITY, "If-None-Match": '"v0"'}, 200),
+        # If-None-Match decides; If-Modified-Since is then ignored (RFC 9110 §13.2.2)
+        (
+            {**IDENTITY, "If-None-Match": '"v0"', "If-Modified-Since": "Fri, 27 Nov 2099 0:0:0"},
+            200,
+        ),
+        # The Brotli copy has its own validator; the identity one does not validate it.
+        ({**BR, "If-None-Match": '"v1-br"'}, 304),
+        ({**BR, "If-None-Match": '"v1"'}, 200),
+    ],
+)
+async def test_revalidations_are_answered_on_the_express_lane_like_the_full_flow(
+    upstream: Upstream, make_edge: Any, validators: dict[str, str], status: int
+) -> None:
+    origin, _ = upstream
+    origin.script("/v.json", headers=JSON, body=b'{"v": 1}' * 64)
+    edge = await make_edge()
+    for warm in (IDENTITY, BR):  # the full flow stores the response and makes its br copy
+        await (await edge.get("/v.json", headers=warm)).read()
+    express = await edge.get("/v.json", headers=validators)
+    assert express_hits(edge) == 1
+    full = await edge.get("/v.json", headers={**validators, "Pragma": "x-kshipra-test"})
+    assert express_hits(edge) == 1
+    assert express.status == full.status == status
+    assert without_clock(express.headers) == without_clock(full.headers)
+    assert await express.read() == await full.read()
+    if status == 304:
+        assert "Content-Type" not in express.headers
+        assert "Content-Length" not in express.headers
+        br = validators["Accept-Encoding"] == "br"
+        assert express.headers["ETag"] == ('"v1-br"' if br else '"v1"')
+    assert origin.count("/v.json") == 1
+
+
 @pytest.mark.parametrize(
     ("headers", "status"),
     [
         ({"Range": "bytes=0-9"}, 206),
-        ({"If-None-Match": '"v1"'}, 304),
         ({"If-Modified-Since": "Fri, 27 Nov 2099 00:00:00 GMT"}, 304),
+        ({"If-None-Match": '"v1"', "If-Range": '"v1"', "Range": "bytes=0-1"}, 304),
         ({"If-Match": '"other"'}, 412),
         ({"Cache-Control": "max-age=0"}, 200),
         ({"Cache-Control": "only-if-cached"}, 200),
