@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from typing import Literal
+
+from origin.delivery import parse_http_date
 
 Headers = Sequence[tuple[str, str]]
 
@@ -98,16 +98,11 @@ def strip_hop_by_hop(headers: Headers) -> list[tuple[str, str]]:
     return [(key, value) for key, value in headers if key.lower() not in drop]
 
 
-def parse_http_date(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        parsed = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC).timestamp()
-    return parsed.timestamp()
+def http_date_seconds(value: str | None) -> float | None:
+    """An HTTP-date as a Unix time, or ``None`` when absent or invalid (the parsing is
+    :func:`origin.delivery.parse_http_date`'s)."""
+    parsed = parse_http_date(value)
+    return None if parsed is None else parsed.timestamp()
 
 
 # ---- Cache-Control ----------------------------------------------------------------------------
@@ -281,22 +276,22 @@ def freshness_lifetime_s(
     if not controls.from_cdn_header:
         expires_values = get_all(response_headers, "expires")
         if expires_values:
-            expires = parse_http_date(expires_values[0])
+            expires = http_date_seconds(expires_values[0])
             if expires is None:
                 return 0.0, False  # an invalid Expires means already expired (§5.3)
-            date = parse_http_date(get_one(response_headers, "date")) or response_time
+            date = http_date_seconds(get_one(response_headers, "date")) or response_time
             return max(0.0, expires - date), False
     if status in HEURISTICALLY_CACHEABLE or directives.has("public"):
-        last_modified = parse_http_date(get_one(response_headers, "last-modified"))
+        last_modified = http_date_seconds(get_one(response_headers, "last-modified"))
         if last_modified is not None:
-            date = parse_http_date(get_one(response_headers, "date")) or response_time
+            date = http_date_seconds(get_one(response_headers, "date")) or response_time
             return min(max(0.0, (date - last_modified) * HEURISTIC_FRACTION), HEURISTIC_MAX_S), True
     return 0.0, False
 
 
 def initial_age_s(response_headers: Headers, *, request_time: float, response_time: float) -> float:
     """``corrected_initial_age`` of RFC 9111 §4.2.3."""
-    date = parse_http_date(get_one(response_headers, "date"))
+    date = http_date_seconds(get_one(response_headers, "date"))
     apparent_age = max(0.0, response_time - date) if date is not None else 0.0
     age_text = get_one(response_headers, "age")
     age_value = delta_seconds(age_text.strip()) if age_text else 0
