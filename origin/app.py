@@ -83,6 +83,8 @@ RULES = web.AppKey("rules", RuleMatcher)
 
 STREAM_CHUNK_BYTES = 256 * 1024
 FILE_CHUNK_BYTES = 1024 * 1024
+DEFAULT_PAGE_ASSETS = 100
+MAX_PAGE_ASSETS = 1000
 STAGING_SWEEP_AGE_S = 24 * 3600
 _CONTENT_RE = re.compile(
     r"^/content/(?P<kind>lecture|image|bundle)s/(?P<id>[^/]+)/"
@@ -234,15 +236,39 @@ async def upload_asset(request: web.Request) -> web.Response:
 
 
 async def list_assets(request: web.Request) -> web.Response:
+    """``GET /v1/assets?kind=&limit=&after=`` → one page of the catalogue, in id order as
+    the store lists them, and ``next`` (the ``after`` of the next page, ``null`` at the end).
+    Only the page's manifests are read."""
     catalogue = request.app[CATALOGUE]
     base_url = _base_url(request)
-    kind = request.query.get("kind")
-    assets = []
-    for asset_id in await catalogue.list_ids():
+    query = request.query
+    kind = check_kind(query.get("kind"))
+    limit = _page_limit(query.get("limit"))
+    after = query.get("after")
+    if after is not None:
+        after = validate_asset_id(after)
+    assets: list[dict[str, Any]] = []
+    next_after = None
+    async for asset_id in catalogue.ids(after=after):
         manifest = await catalogue.get(asset_id)
         if manifest is not None and (kind is None or manifest.kind == kind):
             assets.append(asset_view(manifest, base_url))
-    return web.json_response({"assets": assets})
+            if len(assets) == limit:
+                next_after = asset_id
+                break
+    return web.json_response({"assets": assets, "next": next_after})
+
+
+def _page_limit(value: str | None) -> int:
+    if value is None:
+        return DEFAULT_PAGE_ASSETS
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_PAGE_ASSETS:
+        raise BadRequest("invalid_limit", f"limit must be an integer from 1 to {MAX_PAGE_ASSETS}")
+    return limit
 
 
 async def show_asset(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -232,10 +233,11 @@ class Catalogue:
         )
         self._cache[manifest.id] = (time.monotonic(), manifest)
 
-    async def list_ids(self) -> list[str]:
-        ids = []
-        async for info in self._store.list("assets/"):
+    async def ids(self, *, after: str | None = None) -> AsyncIterator[str]:
+        """Asset ids in the store's key order, from the one after *after* (a page cursor:
+        the listing starts there rather than walking from the beginning)."""
+        start_after = None if after is None else AssetLayout.manifest_key(after)
+        async for info in self._store.list("assets/", start_after=start_after):
             parts = info.key.split("/")
             if len(parts) == 3 and parts[2] == MANIFEST_NAME:
-                ids.append(parts[1])
-        return ids
+                yield parts[1]

@@ -141,8 +141,16 @@ class OriginClient:
         raise ServerFailed(f"the origin failed: {message}")
 
     async def list_assets(self) -> list[dict[str, Any]]:
-        _, body = await self.request("GET", "/v1/assets")
-        return list(body["assets"])
+        """The whole catalogue, page by page."""
+        assets: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            path = "/v1/assets?limit=1000" + ("" if after is None else f"&after={after}")
+            _, body = await self.request("GET", path)
+            assets.extend(body["assets"])
+            after = body.get("next")
+            if after is None:
+                return assets
 
     async def jobs(self) -> dict[str, Any]:
         _, body = await self.request("GET", "/v1/jobs")

@@ -308,6 +308,21 @@ async def test_list_prefix_in_key_order(store: BlobStore) -> None:
     assert await listed("nothing") == []
     assert await listed("lecture/") == []  # "lecture" is an object, not a folder
 
+    # start_after: a page cursor — only keys after it, whatever folders lie in between.
+    async def after(prefix: str, start_after: str) -> list[str]:
+        return [info.key async for info in store.list(prefix, start_after=start_after)]
+
+    assert await after("", "lectures-old/y") == ["lectures/a/b.ts", "lectures/x.mp4"]
+    assert await after("lect", "lecture") == [
+        "lectures-old/y",
+        "lectures/a/b.ts",
+        "lectures/x.mp4",
+    ]
+    assert await after("lectures/", "lectures/a") == ["lectures/a/b.ts", "lectures/x.mp4"]
+    assert await after("lectures/", "lectures/a/b.ts") == ["lectures/x.mp4"]
+    assert await after("", "images/z.png") == sorted(keys)[1:]
+    assert await after("", "zzz") == []
+
     infos = {info.key: info async for info in store.list("images/")}
     head = await store.head("images/z.png")
     assert head is not None

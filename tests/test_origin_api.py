@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import brotli
+import pytest
 from aiohttp.test_utils import TestClient
 
 from origin.app import STORE
@@ -286,6 +287,49 @@ async def test_catalogue_lists_and_shows_assets(origin: Client) -> None:
     )
     missing = await origin.get("/v1/assets/no-such-asset", headers=AUTH)
     assert missing.status == 404
+
+
+async def test_the_catalogue_pages_and_reads_only_the_page(origin: Client) -> None:
+    ids = [f"page-{n}" for n in range(5)]
+    for asset_id in ids:
+        await upload(origin, bundle_bytes(version=asset_id), id=asset_id, kind="bundle")
+    await upload(origin, png_bytes(), id="page-img")
+    seen: list[str] = []
+    pages = 0
+    after: str | None = None
+    while True:
+        query = "/v1/assets?kind=bundle&limit=2" + (f"&after={after}" if after else "")
+        page = await (await origin.get(query, headers=AUTH)).json()
+        pages += 1
+        assert len(page["assets"]) <= 2
+        assert all(asset["kind"] == "bundle" for asset in page["assets"])
+        seen += [asset["id"] for asset in page["assets"]]
+        after = page["next"]
+        if after is None:
+            break
+        assert after == seen[-1]
+    assert [asset_id for asset_id in seen if asset_id.startswith("page-")] == ids
+    assert len(seen) == len(set(seen))
+    assert pages >= 3
+    whole = await (await origin.get("/v1/assets", headers=AUTH)).json()
+    assert whole["next"] is None
+    assert {"page-img", *ids} <= {asset["id"] for asset in whole["assets"]}
+
+
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [
+        ("limit=0", "invalid_limit"),
+        ("limit=1001", "invalid_limit"),
+        ("limit=ten", "invalid_limit"),
+        ("kind=podcast", "invalid_kind"),
+        ("after=..%2Fetc", "invalid_asset_id"),
+    ],
+)
+async def test_bad_catalogue_queries_are_refused(origin: Client, query: str, code: str) -> None:
+    response = await origin.get(f"/v1/assets?{query}", headers=AUTH)
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == code
 
 
 async def test_health_and_readiness(origin: Client) -> None:

@@ -154,9 +154,10 @@ class BlobStore(Protocol):
         *dst*. Raises :class:`BlobNotFoundError` if *src* is absent."""
         ...
 
-    def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+    def list(self, prefix: str = "", *, start_after: str | None = None) -> AsyncIterator[BlobInfo]:
         """Every object whose key starts with *prefix* (a string prefix, not only a folder),
-        in key order."""
+        in key order; with *start_after*, only keys after it (S3's ``StartAfter``: a page
+        cursor, so that a listing need not walk what it already returned)."""
         ...
 
     # Multipart uploads: used by resumable uploads. Part numbers start at 1; every part but

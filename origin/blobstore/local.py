@@ -365,15 +365,28 @@ class LocalDirBlobStore:
         finally:
             await worker.cleanup(file.close)
 
-    async def _walk(self, worker: _Worker, rel_dir: str, name_prefix: str) -> AsyncIterator[str]:
-        """Keys under *rel_dir* whose next segment starts with *name_prefix*, in key order."""
+    async def _walk(
+        self, worker: _Worker, rel_dir: str, name_prefix: str, start_after: str | None
+    ) -> AsyncIterator[str]:
+        """Keys under *rel_dir* whose next segment starts with *name_prefix*, in key order,
+        after *start_after*. A directory whose every key sorts before *start_after* is not
+        entered."""
         entries = await worker.run(self._scan_sync, rel_dir, name_prefix)
         for name, is_dir in entries:
             if is_dir:
-                async for key in self._walk(worker, f"{rel_dir}{name}/", ""):
+                sub_dir = f"{rel_dir}{name}/"
+                if (
+                    start_after is not None
+                    and sub_dir < start_after
+                    and not start_after.startswith(sub_dir)
+                ):
+                    continue
+                async for key in self._walk(worker, sub_dir, "", start_after):
                     yield key
             else:
-                yield f"{rel_dir}{name}"
+                key = f"{rel_dir}{name}"
+                if start_after is None or key > start_after:
+                    yield key
 
     # ----------------------------------------------------------------- pure helpers
 
@@ -705,12 +718,15 @@ class LocalDirBlobStore:
         shutil.rmtree(upload_dir, ignore_errors=True)
 
     # Defined last: inside the class body the name `list` means this method.
-    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+    async def list(
+        self, prefix: str = "", *, start_after: str | None = None
+    ) -> AsyncIterator[BlobInfo]:
         if prefix:
             validate_key(prefix + "x")  # a prefix may end in "/" or mid-segment
         directory, _, name_prefix = prefix.rpartition("/")
         worker = _Worker(self._executor)
-        async for key in self._walk(worker, f"{directory}/" if directory else "", name_prefix):
+        top = f"{directory}/" if directory else ""
+        async for key in self._walk(worker, top, name_prefix, start_after):
             try:
                 yield await worker.run(self._info_sync, key, self._slot(key))
             except BlobNotFoundError:

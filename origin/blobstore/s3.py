@@ -507,11 +507,21 @@ class S3BlobStore:
         return await self._head_written(key, version_id)
 
     # Defined last: inside the class body the name `list` means this method.
-    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+    async def list(
+        self, prefix: str = "", *, start_after: str | None = None
+    ) -> AsyncIterator[BlobInfo]:
         if prefix:
             validate_key(prefix + "x")  # a prefix may end in "/" or mid-segment
         paginator = await self._call("list", lambda c: c.get_paginator("list_objects_v2"))
-        pages = iter(paginator.paginate(Bucket=self._bucket, Prefix=self._full(prefix)))
+        full_prefix = self._full(prefix)
+        if start_after is None:
+            pages = iter(paginator.paginate(Bucket=self._bucket, Prefix=full_prefix))
+        else:
+            pages = iter(
+                paginator.paginate(
+                    Bucket=self._bucket, Prefix=full_prefix, StartAfter=self._full(start_after)
+                )
+            )
         while True:
             page = await self._call(f"list {prefix!r}", lambda _c: next(pages, None))
             if page is None:
