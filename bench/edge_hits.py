@@ -15,7 +15,9 @@ servers on the same machine, each pinned to CPU 1:
 Both caches are warmed (the second request must be a HIT), then ``wrk -t1 -c32 -d10s
 --latency`` (pinned to CPU 0) runs against each server for each size with no
 Accept-Encoding, plus one edge row at 4 KiB with ``Accept-Encoding: br`` (the edge's stored
-Brotli variant). Prints req/s, p50/p99, MB/s and server CPU, the ratios kshipra/nginx and
+Brotli variant) and, for both caches, a 4 KiB row revalidating with ``If-None-Match`` (a
+``304`` from cache: what a phone sends when its own copy expires). Prints req/s, p50/p99,
+MB/s and server CPU, the ratios kshipra/nginx and
 kshipra/bare-aiohttp against the goals (>= 0.5x nginx at 4 KiB, >= 1.0x at 1 MiB), and, for a
 missed goal, a py-spy profile of the edge under the same load. Writes
 ``bench/results/edge_hits.json``.
@@ -966,6 +968,7 @@ def main() -> int:
             "server_cpu": server_cpu,
             "wrk_cpu": client_cpu,
             "accept_encoding": "not sent (identity), except the kshipra br row",
+            "if_none_match": "sent only in the 304 rows (the stored ETag)",
             "kshipra": "kshipra edge, one process, --memory-bytes 256MiB, disk tier",
             "nginx": "master + worker_processes 1, proxy_cache (keys_zone 64m, max_size 1g), "
             "freshness from upstream Cache-Control, proxy_http_version 1.1, upstream keepalive "
@@ -1009,6 +1012,13 @@ def main() -> int:
         if br.headers.get("Content-Encoding") != "br" or not is_hit(edge, br):
             raise RuntimeError(f"edge br variant is not a stored hit: {br.headers}")
         warm["4KiB/kshipra-br"] = cache_state(edge, br)
+        # Revalidation: the phone's own copy expired and it asks with the ETag it holds.
+        etag = fetch(edge.base_url + OBJ_PATH).headers["ETag"]
+        for server in (nginx, edge):
+            revalidated = fetch(server.base_url + OBJ_PATH, {"If-None-Match": etag})
+            if revalidated.status != 304:
+                raise RuntimeError(f"{server.name} answers If-None-Match with {revalidated.status}")
+            warm[f"4KiB/{server.name}-304"] = cache_state(server, revalidated)
         report["warm_up"] = warm
         report["br_body_bytes"] = len(br.body)
         report["origin_counts_after_warmup"] = origin_counts(origin)
@@ -1020,6 +1030,8 @@ def main() -> int:
             for server in servers
         ]
         plan.append(("4KiB", 4 * 1024, edge, "br", ["Accept-Encoding: br"]))
+        for server in (nginx, edge):
+            plan.append(("4KiB", 4 * 1024, server, "304", [f"If-None-Match: {etag}"]))
         for label, size, server, variant, headers in plan:
             gate = wait_for_quiet(f"{label} {server.name}", need_low_load=False, max_wait_s=60)
             report["quiet_gates"].append(gate)
@@ -1103,6 +1115,15 @@ def main() -> int:
     print(
         f"4KiB kshipra br: {br_row['requests_per_s']:.0f} req/s, body {report['br_body_bytes']} B "
         f"(identity 4096 B), {br_row['wire_bytes_per_response']} B/response on the wire"
+    )
+    not_modified = {r["server"]: r for r in rows if r["variant"] == "304"}
+    report["not_modified_kshipra_over_nginx"] = round(
+        not_modified["kshipra"]["requests_per_s"] / not_modified["nginx"]["requests_per_s"], 3
+    )
+    print(
+        f"4KiB If-None-Match -> 304: kshipra {not_modified['kshipra']['requests_per_s']:.0f} "
+        f"req/s, nginx {not_modified['nginx']['requests_per_s']:.0f} req/s "
+        f"({report['not_modified_kshipra_over_nginx']:.3f}x)"
     )
     for label, summary in profiles.items():
         print_profile(label, summary)
