@@ -4,6 +4,7 @@ several workers sharing a port, clean shutdown on SIGTERM, and refusals of bad i
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -184,13 +185,24 @@ def test_edge_process_caches_in_front_of_the_origin_and_stops_on_sigterm(
     assert (status, second) == (200, body)
     assert headers["Cache-Status"].startswith("e1; hit")
     assert list(disk.rglob("*.body"))  # the disk tier holds it
+    # A keep-alive client (urllib closes each connection) gets the express lane.
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for _ in range(2):
+            connection.request("GET", path, headers={"Accept-Encoding": "identity"})
+            response = connection.getresponse()
+            assert (response.status, response.read()) == (200, body)
+            assert response.headers["Cache-Status"].startswith("e1; hit")
+    finally:
+        connection.close()
 
     status, health, _ = fetch(url + "/healthz")
     assert status == 200
     assert json.loads(health) == {"status": "ok", "edge": "e1"}
     status, metrics, _ = fetch(url + "/metrics")
     assert status == 200
-    assert "kshipra_edge_hits_total 1.0" in metrics.decode()
+    assert "kshipra_edge_hits_total 3.0" in metrics.decode()
+    assert "kshipra_edge_express_hits_total 2.0" in metrics.decode()
     assert "kshipra_edge_misses_total 1.0" in metrics.decode()
 
     edge.send_signal(signal.SIGTERM)
