@@ -13,9 +13,11 @@ from edge.policy import (
     POLICY_NAMES,
     CountMinSketch,
     EvictionPolicy,
+    HistorySketch,
     LRUPolicy,
     S3FIFOPolicy,
     SIEVEPolicy,
+    SizeAwareTinyLFUPolicy,
     SizeBookedPolicy,
     TinyLFUPolicy,
     make_policy,
@@ -329,6 +331,158 @@ def test_count_min_sketch_counts_saturates_and_ages() -> None:
     assert sketch.frequency("a") < 15  # halved at least once
 
 
+# ---- size-aware W-TinyLFU --------------------------------------------------------------------
+
+# expected_object_bytes=1 sizes the sketch for capacity_bytes keys, so the estimates of absent
+# keys are exact here (a present key's count is exact anyway: it lives in its segment).
+
+
+def sa_policy(
+    capacity: int, window_ratio: float = 0.01, protected_ratio: float = 0.8
+) -> SizeAwareTinyLFUPolicy:
+    return SizeAwareTinyLFUPolicy(capacity, window_ratio, protected_ratio, expected_object_bytes=1)
+
+
+def requested(policy: SizeAwareTinyLFUPolicy, key: str, times: int, size_bytes: int) -> None:
+    """``times`` requests for ``key`` driven as the edge drives them: hit, or miss and insert."""
+    for _ in range(times):
+        if key in policy:
+            policy.hit(key)
+        else:
+            policy.insert(key, size_bytes)
+        policy.check_invariants()
+
+
+def test_sa_tinylfu_segments_and_counts() -> None:
+    policy = sa_policy(100, window_ratio=0.1)  # window: 10 bytes, main: 90
+    play(policy, [ins("a", 5), ins("b", 5)])
+    assert policy.segment_of("a") == "window"
+    assert policy.frequency("a") == 1
+    play(policy, [ins("c", 5)])  # the window overflows; main has room, so a enters it
+    assert policy.segment_of("a") == "probation"
+    play(policy, hits("aa"))
+    assert policy.segment_of("a") == "protected"
+    assert policy.frequency("a") == 3
+    assert policy.segment_of("zzz") is None
+    assert policy.frequency("zzz") == 0
+
+
+def test_sa_tinylfu_refuses_a_cold_key_that_would_displace_frequent_ones() -> None:
+    policy = sa_policy(100, window_ratio=0.0)  # no window: a new key is the candidate
+    hot = [f"hot{i}" for i in range(10)]
+    for key in hot:
+        requested(policy, key, 3, 10)
+    assert policy.insert("cold", 10) == ["cold"]
+    assert present(policy) == set(hot)
+    # Refused, but counted: once it is asked for more often than the victim, it gets in.
+    for _ in range(2):
+        assert policy.insert("cold", 10) == ["cold"]
+    assert policy.insert("cold", 10) == ["hot0"]  # 4 requests against 3: the LRU victim goes
+    assert policy.segment_of("cold") == "probation"
+
+
+def test_sa_tinylfu_large_candidate_must_beat_every_victim_it_displaces() -> None:
+    def setup(third_victim_requests: int) -> SizeAwareTinyLFUPolicy:
+        # No window, and no protected segment: main's eviction order is plain LRU.
+        policy = sa_policy(1_000, window_ratio=0.0, protected_ratio=0.0)
+        for index in range(10):  # ten 100-byte keys fill main
+            requested(policy, f"small{index}", third_victim_requests if index == 2 else 2, 100)
+        return policy
+
+    # A 300-byte candidate displaces the three least recently used small keys, and only them,
+    # once it is requested more often than each of them...
+    policy = setup(third_victim_requests=2)
+    for _ in range(2):
+        assert policy.insert("large", 300) == ["large"]
+    assert policy.insert("large", 300) == ["small0", "small1", "small2"]  # 3 against 2, 2, 2
+    assert policy.used_bytes == 1_000
+
+    # ...but not while one of them is as popular as it is: then nothing at all is evicted.
+    policy = setup(third_victim_requests=3)
+    for _ in range(3):
+        assert policy.insert("large", 300) == ["large"]
+    assert present(policy) == {f"small{index}" for index in range(10)}
+    assert policy.insert("large", 300) == ["small0", "small1", "small2"]  # 4 against 2, 2, 3
+
+
+def test_sa_tinylfu_candidate_larger_than_main_is_refused() -> None:
+    policy = sa_policy(100)  # window: 1 byte, main: 99
+    assert policy.insert("a", 100) == ["a"]
+    assert policy.insert("b", 99) == []
+    assert policy.main_bytes == 99
+
+
+def test_sa_tinylfu_main_keeps_its_budget_so_new_keys_cannot_push_out_admitted_ones() -> None:
+    # Keys larger than the window pass straight through it. If main could take the window's
+    # share too (as in TinyLFUPolicy), a later small key landing in the window, which has room,
+    # would push the cache over capacity with no candidate to compare: an admitted key would
+    # be evicted unconditionally.
+    policy = sa_policy(1_000, window_ratio=0.1)  # window: 100 bytes, main: 900
+    hot = [f"hot{i}" for i in range(5)]
+    for _ in range(3):
+        for key in hot:
+            requested(policy, key, 1, 200)
+    assert policy.main_bytes <= policy.main_target_bytes
+    admitted = present(policy)
+    assert len(admitted) == 4  # the fifth never beat the victim it would displace (ties)
+    for index in range(10):
+        assert policy.insert(f"new{index}", 10) == []
+    assert admitted <= present(policy)
+
+
+def test_sa_tinylfu_frequent_keys_survive_a_flood_of_one_off_keys_of_any_size() -> None:
+    rng = random.Random(3)  # noqa: S311 - a seeded test sequence
+    for policy in (sa_policy(1_000), SizeAwareTinyLFUPolicy(1_000)):  # exact, and small sketch
+        hot = [f"hot{i}" for i in range(9)]
+        for key in hot:
+            requested(policy, key, 4, 100)
+        for index in range(300):
+            policy.insert(f"flood{index}", rng.choice([1, 5, 30, 100, 250, 600]))
+            policy.check_invariants()
+        assert set(hot) <= present(policy)
+
+
+def test_sa_tinylfu_scan_does_not_flush_the_working_set() -> None:
+    policy = SizeAwareTinyLFUPolicy(100)  # a sketch that grows with the key count, and ages
+    working_set = [f"hot{i}" for i in range(20)]
+    for key in working_set:
+        requested(policy, key, 11, 1)
+    for index in range(1_000):
+        policy.insert(f"scan{index}", 1)
+    policy.check_invariants()
+    assert set(working_set) <= present(policy)
+
+
+def test_sa_tinylfu_counts_age_and_a_leaving_key_is_remembered() -> None:
+    policy = sa_policy(100)
+    requested(policy, "a", 9, 1)
+    assert policy.frequency("a") == 9
+    policy.remove("a")  # a purge: the URL is as popular as it was
+    assert policy.frequency("a") == 9
+    assert policy.insert("a", 1) == []
+    assert policy.frequency("a") == 10
+    # Within sample_size counted requests every count is halved, the present keys' too.
+    for index in range(policy.sample_size):
+        policy.insert(f"once{index}", 1)
+    assert "a" in policy  # one-off keys never outweigh it
+    assert policy.frequency("a") <= 5
+
+
+def test_history_sketch_counts_saturates_records_and_halves() -> None:
+    sketch = HistorySketch(expected_keys=64)
+    assert [sketch.add("a") for _ in range(3)] == [0, 1, 2]  # the estimate before each request
+    assert sketch.estimate("a") == 3
+    for _ in range(100):
+        sketch.add("a")
+    assert sketch.estimate("a") == 15
+    sketch.record("b", 7)
+    sketch.record("b", 2)  # raises only
+    assert sketch.estimate("b") == 7
+    sketch.halve()
+    assert (sketch.estimate("a"), sketch.estimate("b")) == (7, 3)
+    assert sketch.estimate("never-seen") <= 1  # collisions may add a little, rarely
+
+
 # ---- every policy: edge cases as a table -----------------------------------------------------
 
 ALL = pytest.mark.parametrize("name", POLICY_NAMES)
@@ -451,6 +605,7 @@ def test_policy_classes_by_name() -> None:
         "s3fifo": S3FIFOPolicy,
         "sieve": SIEVEPolicy,
         "tinylfu": TinyLFUPolicy,
+        "tinylfu-sa": SizeAwareTinyLFUPolicy,
     }
     assert {name: type(make_policy(name, 1)) for name in POLICY_NAMES} == expected
 

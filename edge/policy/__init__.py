@@ -7,6 +7,8 @@ A policy sees keys and sizes, never bodies; a tier stores bytes and does what it
 - :class:`S3FIFOPolicy` — small + main + ghost FIFOs (Yang et al., SOSP'23).
 - :class:`SIEVEPolicy` — one FIFO, a visited bit and a sweeping hand (Zhang et al., NSDI'24).
 - :class:`TinyLFUPolicy` — W-TinyLFU with a count-min sketch (Einziger et al.; Caffeine).
+- :class:`SizeAwareTinyLFUPolicy` — W-TinyLFU whose main area has its own byte budget and
+  admits a candidate only if it is more frequent than every object it displaces.
 
 ``bench/eviction.py`` replays Zipf traces with a scan against all of them, Belady's optimum
 and a static top-k oracle.
@@ -21,14 +23,17 @@ from edge.policy.lru import LRUPolicy
 from edge.policy.s3fifo import S3FIFOPolicy
 from edge.policy.sieve import SIEVEPolicy
 from edge.policy.tinylfu import CountMinSketch, TinyLFUPolicy
+from edge.policy.tinylfu_sa import HistorySketch, SizeAwareTinyLFUPolicy
 
 __all__ = [
     "POLICY_NAMES",
     "CountMinSketch",
     "EvictionPolicy",
+    "HistorySketch",
     "LRUPolicy",
     "S3FIFOPolicy",
     "SIEVEPolicy",
+    "SizeAwareTinyLFUPolicy",
     "SizeBookedPolicy",
     "TinyLFUPolicy",
     "make_policy",
@@ -39,6 +44,7 @@ _FACTORIES: dict[str, Callable[[int], EvictionPolicy]] = {
     "s3fifo": S3FIFOPolicy,
     "sieve": SIEVEPolicy,
     "tinylfu": TinyLFUPolicy,
+    "tinylfu-sa": SizeAwareTinyLFUPolicy,
 }
 
 POLICY_NAMES: tuple[str, ...] = tuple(_FACTORIES)
