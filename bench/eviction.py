@@ -23,9 +23,12 @@ against:
   request to them but the first.
 
 It prints object and byte hit ratios, each policy's ratio to the oracle's (the project's goal
-is >= 0.95x the oracle's object hit ratio at every point) and to Belady's, and events/s (CPU
-time of the replay loop, driver included, so that other load on the machine does not skew
-it), and writes ``bench/results/eviction.json``.
+is >= 0.95x the oracle's object hit ratio at every point) and to Belady's; for the online
+policies, the share of the bytes cached when the scan began that are still cached when it ends
+("scan kept"), events/s (CPU time of the replay loop, driver included, so that other load on
+the machine does not skew it) and the CPU time of one lookup + ``hit`` alone — the cost a
+policy adds to the edge's hit path — timed after the replay over the trace's last requests
+whose keys are present (best of three passes); and it writes ``bench/results/eviction.json``.
 
     .venv/bin/python bench/eviction.py                               # the full run
     .venv/bin/python bench/eviction.py --requests 200000 --objects 20000 --sizes 5   # quick
@@ -48,7 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge.policy import POLICY_NAMES, SizeBookedPolicy, make_policy  # noqa: E402
+from edge.policy import POLICY_NAMES, EvictionPolicy, SizeBookedPolicy, make_policy  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "eviction.json"
 MEDIAN_OBJECT_BYTES = 30_000
@@ -56,6 +59,7 @@ SIZE_SIGMA = 1.2
 MIN_OBJECT_BYTES = 1024
 MAX_OBJECT_BYTES = 4 * 1024 * 1024
 GOAL_VS_ORACLE = 0.95
+HIT_TIMING_REQUESTS = 100_000
 
 
 # ---- traces ----------------------------------------------------------------------------------
@@ -123,6 +127,8 @@ class Outcome:
     byte_vs_oracle: float = 0.0
     object_vs_belady: float = 0.0
     events_per_s: float = 0.0
+    hit_ns: float = 0.0  # CPU time of one lookup + hit, after the replay
+    scan_kept: float = 0.0  # share of the bytes cached when the scan began still cached after it
 
     def finish(self) -> Outcome:
         self.object_hit_ratio = self.hits / self.requests
@@ -138,33 +144,48 @@ def replay_policy(name: str, trace: Trace, capacity_bytes: int, cache_percent: f
     hit, insert = policy.hit, policy.insert
     tier: set[str] = set()
     store, delete = tier.add, tier.discard
+    size_by_key = dict(zip(keys, sizes, strict=True))
     hits = hit_bytes = requested_bytes = evictions = 0
-    started = time.process_time()
-    for object_id in trace.requests:
-        key = keys[object_id]
-        size_bytes = sizes[object_id]
-        requested_bytes += size_bytes
-        if key in policy:
-            hit(key)
-            hits += 1
-            hit_bytes += size_bytes
-        else:
-            store(key)  # the fetched body is written, then the policy says what to drop
-            for dropped in insert(key, size_bytes):
-                delete(dropped)
-                evictions += 1
-    seconds = time.process_time() - started
+    seconds = 0.0
+    # Replayed in three parts — before, during and after the scan — so that what the cache
+    # held when the scan began can be compared with what it holds when the scan ends.
+    scan_start = (len(trace.requests) - trace.n_scan) // 2
+    scan_end = scan_start + trace.n_scan
+    before_scan: set[str] = set()
+    scan_kept = 1.0
+    for start, stop in ((0, scan_start), (scan_start, scan_end), (scan_end, len(trace.requests))):
+        if start == scan_start:
+            before_scan = set(policy.keys())
+        elif start == scan_end and before_scan:
+            kept = before_scan.intersection(policy.keys())
+            scan_kept = sum(size_by_key[key] for key in kept) / sum(
+                size_by_key[key] for key in before_scan
+            )
+        started = time.process_time()
+        for object_id in trace.requests[start:stop]:
+            key = keys[object_id]
+            size_bytes = sizes[object_id]
+            requested_bytes += size_bytes
+            if key in policy:
+                hit(key)
+                hits += 1
+                hit_bytes += size_bytes
+            else:
+                store(key)  # the fetched body is written, then the policy says what to drop
+                for dropped in insert(key, size_bytes):
+                    delete(dropped)
+                    evictions += 1
+        seconds += time.process_time() - started
     # Invariants after the run, as Caffeine's simulator checks them.
     present = list(policy.keys())
     if tier != set(present) or len(present) != len(tier) or len(policy) != len(tier):
         raise AssertionError(f"{name}: the tier and the policy disagree about what is stored")
-    size_by_key = {keys[object_id]: sizes[object_id] for object_id in set(trace.requests)}
     stored_bytes = sum(size_by_key[key] for key in present)
     if not policy.used_bytes == stored_bytes <= capacity_bytes:
         raise AssertionError(f"{name}: used_bytes {policy.used_bytes} != {stored_bytes}")
     if isinstance(policy, SizeBookedPolicy):
         policy.check_invariants()
-    return Outcome(
+    outcome = Outcome(
         trace.alpha,
         cache_percent,
         capacity_bytes,
@@ -176,6 +197,25 @@ def replay_policy(name: str, trace: Trace, capacity_bytes: int, cache_percent: f
         evictions,
         seconds,
     ).finish()
+    outcome.scan_kept = scan_kept
+    outcome.hit_ns = time_hits(policy, [keys[object_id] for object_id in trace.requests])
+    return outcome
+
+
+def time_hits(policy: EvictionPolicy, requested_keys: list[str]) -> float:
+    """CPU nanoseconds of ``key in policy`` + ``hit(key)`` for present keys, best of three."""
+    present = [key for key in requested_keys[-HIT_TIMING_REQUESTS:] if key in policy]
+    if not present:
+        return 0.0
+    hit = policy.hit
+    best = math.inf
+    for _ in range(3):
+        started = time.process_time()
+        for key in present:
+            if key in policy:
+                hit(key)
+        best = min(best, time.process_time() - started)
+    return best / len(present) * 1e9
 
 
 def replay_belady(trace: Trace, capacity_bytes: int, cache_percent: float) -> Outcome:
@@ -318,17 +358,21 @@ def print_point(outcomes: list[Outcome]) -> None:
         f"= {first.capacity_bytes / 1e6:,.1f} MB"
     )
     print(
-        f"  {'policy':<8} {'obj hit':>8} {'byte hit':>9} {'obj/orc':>8} {'byte/orc':>9} "
-        f"{'obj/bel':>8} {'events/s':>10}  goal"
+        f"  {'policy':<10} {'obj hit':>8} {'byte hit':>9} {'obj/orc':>8} {'byte/orc':>9} "
+        f"{'obj/bel':>8} {'scan kept':>9} {'events/s':>10} {'hit ns':>7}  goal"
     )
     for outcome in outcomes:
         online = outcome.policy not in {"belady", "oracle"}
         goal = ""
         if online:
             goal = "ok" if outcome.object_vs_oracle >= GOAL_VS_ORACLE else "MISS"
-        speed = f"{outcome.events_per_s:>10,.0f}" if online else f"{'-':>10}"
+        speed = (
+            f"{outcome.scan_kept:>9.3f} {outcome.events_per_s:>10,.0f} {outcome.hit_ns:>7,.0f}"
+            if online
+            else f"{'-':>9} {'-':>10} {'-':>7}"
+        )
         print(
-            f"  {outcome.policy:<8} {outcome.object_hit_ratio:>8.4f} "
+            f"  {outcome.policy:<10} {outcome.object_hit_ratio:>8.4f} "
             f"{outcome.byte_hit_ratio:>9.4f} {outcome.object_vs_oracle:>8.3f} "
             f"{outcome.byte_vs_oracle:>9.3f} {outcome.object_vs_belady:>8.3f} {speed}  {goal}"
         )
@@ -379,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         name: statistics.median(o.events_per_s for o in outcomes if o.policy == name)
         for name in args.policies
     }
+    hit_costs = {
+        name: statistics.median(o.hit_ns for o in outcomes if o.policy == name)
+        for name in args.policies
+    }
     goal_summary = {}
     print(f"\nper policy, over all points (goal: object hit ratio >= {GOAL_VS_ORACLE}x oracle):")
     for name in args.policies:
@@ -392,9 +440,9 @@ def main(argv: list[str] | None = None) -> int:
             "worst_at": {"alpha": worst.alpha, "cache_percent": worst.cache_percent},
         }
         print(
-            f"  {name:<8} goal met at {met}/{len(mine)} points; "
+            f"  {name:<10} goal met at {met}/{len(mine)} points; "
             f"worst {worst.object_vs_oracle:.3f}x (alpha {worst.alpha}, {worst.cache_percent:g}%); "
-            f"median {speeds[name]:,.0f} events/s (CPU time)"
+            f"median {speeds[name]:,.0f} events/s, {hit_costs[name]:,.0f} ns per hit (CPU time)"
         )
     print(f"wall time: {wall_s:.1f} s")
     report = {
@@ -415,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
         "traces": trace_info,
         "median_events_per_s": speeds,
+        "median_hit_ns": hit_costs,
         "goal": goal_summary,
         "wall_s": round(wall_s, 1),
         "results": [asdict(outcome) for outcome in outcomes],
