@@ -68,18 +68,30 @@ SUPPORTED = all(hasattr(RequestHandler, name) for name in _INTERNALS) and hasatt
 class ExpressRequestHandler(RequestHandler):
     """aiohttp's HTTP/1.1 server protocol, answering express requests as they are parsed."""
 
-    __slots__ = ("_express",)
+    __slots__ = ("_express", "_handed_over")
 
     def __init__(self, manager: web.Server, *, express: Express, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._express = express
+        self._handed_over = False
+        """A request was left to aiohttp's handler task on this connection."""
+
+    def _handler_idle(self) -> bool:
+        """aiohttp's handler task has no request in hand: it waits for one, or it never got
+        one (a new connection, whose task may not have started yet)."""
+        if self._messages:
+            return False
+        waiter = self._waiter
+        if waiter is None:
+            return not self._handed_over
+        return not waiter.done()
 
     def data_received(self, data: bytes) -> None:
-        waiter = self._waiter
-        if waiter is None or waiter.done() or self._messages:
+        if not self._handler_idle():
             # The handler task is busy or has work queued: keep the connection's order.
             super().data_received(data)
             return
+        waiter = self._waiter
         self._waiter = None  # parse (aiohttp's parser, errors included) without waking it
         try:
             super().data_received(data)
@@ -118,8 +130,10 @@ class ExpressRequestHandler(RequestHandler):
             self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
             if self._buffer_paused and len(messages) <= self._msg_queue_resume_size:
                 self._resume_reading_if_drained()
-        if messages and not waiter.done():
-            waiter.set_result(None)
+        if messages:
+            self._handed_over = True
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
 
 class ExpressServer(web.Server):

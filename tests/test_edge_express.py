@@ -292,10 +292,11 @@ async def test_a_keep_alive_connection_moves_between_the_lanes(
         payload = get(path)
         answers += await raw_exchange(edge, payload, 1)
     assert [body for _, body in answers] == [b"k", b"m", b"k", b"k", b"m", b"k"]
-    # On one connection too:
+    # Each new connection's first request takes the lane (4); on one connection, the hit
+    # behind a request handed to the full flow waits its turn there (1 more, not 2).
     one = await raw_exchange(edge, b"".join(get(p) for p in ["/k", "/m", "/k"]), 3)
     assert [body for _, body in one] == [b"k", b"m", b"k"]
-    assert express_hits(edge) >= 5
+    assert express_hits(edge) == 5
 
 
 async def test_http10_and_connection_close_take_the_full_flow(
