@@ -844,7 +844,7 @@ class Edge:
 
     async def invalidate_url(self, url_key: str) -> int:
         """Remove every stored variant, encoding and slice of a URL."""
-        doomed = [key for key, meta in self.cache.metas() if url_key in (meta.url_key, key)]
+        doomed = [key for key, url in self.cache.url_keys() if url_key in (url, key)]
         for key in doomed:
             await self.cache.remove(key)
         return len(doomed)

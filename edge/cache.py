@@ -123,6 +123,18 @@ class TieredCache:
                 if disk_entry.key not in seen:
                     yield disk_entry.key, EntryMeta.from_dict(disk_entry.meta)
 
+    def url_keys(self) -> Iterator[tuple[str, str]]:
+        """Every stored entry's key and URL key (memory and disk), without decoding any disk
+        metadata: what invalidating a URL matches on."""
+        seen = set()
+        for entry in self.memory.entries():
+            seen.add(entry.key)
+            yield entry.key, entry.meta.url_key
+        if self.disk is not None:
+            for disk_entry in self.disk.entries():
+                if disk_entry.key not in seen:
+                    yield disk_entry.key, disk_entry.url_key
+
     @property
     def disk_used_bytes(self) -> int:
         return 0 if self.disk is None else self.disk.used_bytes

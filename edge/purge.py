@@ -288,9 +288,9 @@ def _stored(cache: TieredCache) -> Iterator[tuple[str, str, Sequence[str]]]:
     for entry in cache.memory.entries():
         yield entry.key, entry.meta.url_key, entry.meta.tags
     if cache.disk is not None:
+        # entries in both tiers come twice: plan() keeps one
         for disk_entry in cache.disk.entries():
-            meta = disk_entry.meta  # entries in both tiers come twice: plan() keeps one
-            yield disk_entry.key, str(meta.get("url_key", "")), meta.get("tags", ())
+            yield disk_entry.key, disk_entry.url_key, disk_entry.tags
 
 
 async def apply_purges(cache: TieredCache, host: str, purges: Sequence[Purge]) -> Applied:

@@ -225,6 +225,43 @@ async def test_restart_finds_the_entries_with_their_meta(
         await second.close()
 
 
+async def test_metadata_and_what_purges_match_on_survive_a_restart_however_the_file_is_laid_out(
+    make_tier: MakeTier, cache_dir: Path
+) -> None:
+    meta = {
+        "url_key": "cdn/page",
+        "tags": ["bundle:1", "lang:hi"],
+        "note": ',"meta":{"x":1}} ',  # the meta file's own syntax, inside a string
+        "meta": {"meta": [1, 2.5, None, True, "ключ"]},  # and as member names
+    }
+    first = await make_tier()
+    entries = {}
+    for key in ("as written", "rewritten by hand", "reordered"):
+        entry = await first.store(key, meta, chunks_of(body_for(key, 100)))
+        assert entry is not None
+        entries[key] = entry
+    untagged = await first.store("cdn/page", {"url_key": "cdn/page"}, chunks_of(b"x"))
+    assert untagged is not None
+    await first.close()
+    for key, rewrite in (
+        ("rewritten by hand", lambda doc: json.dumps(doc, indent=2)),
+        ("reordered", lambda doc: json.dumps(dict(reversed(doc.items())))),
+    ):
+        body = entries[key].body_path
+        meta_file = body.with_name(body.name.split(".")[0] + ".meta")
+        meta_file.write_text(rewrite(json.loads(meta_file.read_bytes())))
+
+    second = await make_tier()
+    assert len(second) == 4
+    by_key = {entry.key: entry for entry in second.entries()}
+    for key in entries:
+        found = by_key[key]
+        assert found.meta == meta
+        assert (found.url_key, found.tags) == ("cdn/page", ("bundle:1", "lang:hi"))
+        assert await second.read_body(found) == body_for(key, 100)
+    assert (by_key["cdn/page"].url_key, by_key["cdn/page"].tags) == ("cdn/page", ())
+
+
 # ---- start-up cleanup ----------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ the first store into it::
 
     <dir>/.tmp/<pid>-<random>/          one per live DiskTier, flock-ed while it lives
     <dir>/ab/c/<h>.meta                 JSON: format, key, body, size_bytes, checksum,
-                                        checksum_algorithm, stored_at, meta
+                                        checksum_algorithm, stored_at, meta (last)
     <dir>/ab/c/<h>.<generation>.body    the body bytes; immutable; generation = random hex
 
 4096 leaves rather than 65 536 (``ab/cd/``): at 100 k entries two levels of 256 would leave
@@ -34,6 +34,12 @@ a whole document, and a body file never changes once it has a name. An open body
 readable after another worker replaces or evicts it (POSIX unlink semantics); a body that
 vanished before it was opened is reported as :class:`EntryGoneError` after the tier has
 re-read the meta once and re-indexed whatever the directory now holds.
+
+**The index.** Each process keeps one small :class:`DiskEntry` per entry in its view. The
+caller's metadata stays the JSON bytes of its meta file and is decoded when asked for (a
+lookup, a soft purge marking it); what purges match every entry on (``url_key``, ``tags``) is
+kept decoded. So the index costs about a kilobyte and one object the garbage collector walks
+per entry, not a tree of dicts and lists.
 
 **Checksums.** CRC-32 (``zlib.crc32``) of the body. It is there to catch accidents — a torn
 or truncated write after a crash, a bad sector, a file edited by hand — not adversaries
@@ -79,13 +85,15 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import FileIO
 from pathlib import Path
 from typing import Any, Final, TypeVar, TypeVarTuple, Unpack
@@ -115,6 +123,11 @@ _TOP_NAMES: Final = frozenset(f"{top:02x}" for top in range(256))
 _LOW_NAMES: Final = frozenset(f"{low:x}" for low in range(16))
 _WRITE_BATCH_BYTES: Final = 1 << 20
 _READ_BLOCK_BYTES: Final = 1 << 20
+_SEPARATORS: Final = (",", ":")
+_META_MEMBER_TEXT: Final = ',"meta":'
+_META_MEMBER: Final = _META_MEMBER_TEXT.encode()
+_DECODER: Final = json.JSONDecoder()
+_OBJECT_END: Final = re.compile(r"[ \t\n\r]*\}[ \t\n\r]*")
 _RECENT_NS: Final = 2_000_000_000
 """A leaf modified this recently is rescanned by the next sync even if its mtime is
 unchanged: two changes within one tick of the kernel's coarse clock share an mtime."""
@@ -167,29 +180,47 @@ class BodySizeMismatchError(DiskTierError, ValueError):
 
 @dataclass(frozen=True, slots=True)
 class DiskEntry:
-    """One stored response as the index knows it.
+    """One stored response as the index knows it; the index holds one per entry in the
+    directory, so it is kept small.
 
-    ``meta`` is the caller's metadata as it reads back from JSON (tuples become lists); it is
-    the index's own copy, so treat it as read-only. ``stored_at`` is when the body was
+    The caller's metadata stays the compact JSON it is in the meta file (:attr:`meta_json`)
+    and is decoded by :attr:`meta` when asked for; only what purges match every entry on,
+    :attr:`url_key` and :attr:`tags`, is kept decoded. ``stored_at`` is when the body was
     written (Unix time); a meta update keeps it."""
 
     key: str
-    body_file: str
-    """Absolute path of the body file (also as :attr:`body_path`)."""
+    leaf: str
+    """Absolute path of the entry's leaf directory (one string per leaf, shared)."""
+    body_name: str
+    """The body's file name, ``<sha256 of key>.<generation>.body``."""
     size_bytes: int
     checksum: str
     """Hex CRC-32 of the body (:data:`CHECKSUM_ALGORITHM`)."""
-    meta: dict[str, Any]
+    meta_json: bytes
+    """The caller's metadata, as JSON."""
     stored_at: float
+    url_key: str
+    """The metadata's ``url_key`` if it is a string, else ``""`` (purges by URL and prefix
+    match on it)."""
+    tags: tuple[str, ...]
+    """The strings of the metadata's ``tags`` list, if it has one (purges by tag match on
+    them)."""
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The caller's metadata as it reads back from JSON (tuples become lists), decoded
+        afresh on each access."""
+        meta: dict[str, Any] = json.loads(self.meta_json)
+        return meta
+
+    @property
+    def body_file(self) -> str:
+        """Absolute path of the body file (also as :attr:`body_path`)."""
+        return f"{self.leaf}/{self.body_name}"
 
     @property
     def body_path(self) -> Path:
         return Path(self.body_file)
-
-    @property
-    def body_name(self) -> str:
-        """The body's file name, ``<sha256 of key>.<generation>.body``."""
-        return self.body_file.rpartition("/")[2]
 
 
 def _hash_key(key: str) -> str:
@@ -200,10 +231,33 @@ def _leaf_id(hash_hex: str) -> str:
     return f"{hash_hex[:2]}/{hash_hex[2]}"
 
 
-def _meta_record(
-    key: str, body_name: str, size_bytes: int, checksum: str, stored_at: float, meta: Any
-) -> dict[str, Any]:
-    return {
+def _encode_meta(meta: Mapping[str, Any]) -> bytes:
+    """The caller's metadata as the meta file holds it; raises ``TypeError``/``ValueError``
+    early for what JSON cannot hold."""
+    return json.dumps(dict(meta), separators=_SEPARATORS, allow_nan=False).encode()
+
+
+def _purge_fields(key: str, meta: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """:attr:`DiskEntry.url_key` and :attr:`DiskEntry.tags` from the caller's metadata,
+    sharing strings: the key itself when it is the URL key, one copy of each tag."""
+    url_key = meta.get("url_key")
+    if not isinstance(url_key, str):
+        url_key = ""
+    elif url_key == key:
+        url_key = key
+    elif url_key:
+        url_key = sys.intern(url_key)
+    tags = meta.get("tags")
+    if not tags or not isinstance(tags, list | tuple):
+        return url_key, ()
+    return url_key, tuple(sys.intern(tag) for tag in tags if isinstance(tag, str))
+
+
+def _meta_document(
+    key: str, body_name: str, size_bytes: int, checksum: str, stored_at: float, meta_json: bytes
+) -> bytes:
+    """The meta file: one compact JSON object, the caller's metadata last."""
+    record = {
         "format": FORMAT_VERSION,
         "key": key,
         "body": body_name,
@@ -211,30 +265,70 @@ def _meta_record(
         "checksum": checksum,
         "checksum_algorithm": CHECKSUM_ALGORITHM,
         "stored_at": stored_at,
-        "meta": meta,
     }
+    head = json.dumps(record, separators=_SEPARATORS, allow_nan=False).encode()
+    return b"".join((head[:-1], _META_MEMBER, meta_json, b"}"))
 
 
-def _dump(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
+def _split_written(raw: bytes) -> tuple[dict[str, Any], Any, bytes] | None:
+    """:func:`_split_document` for a document as :func:`_meta_document` writes it (the
+    caller's metadata last, no space before it): the fields before the metadata are parsed on
+    their own, the metadata once, and its JSON is a slice of ``raw``. ``None`` for any other
+    document."""
+    try:
+        text = raw.decode()
+        cut = text.find(_META_MEMBER_TEXT)
+        if cut <= 0:
+            return None
+        # A JSON object only if the cut is at its top level, outside any string.
+        fields = json.loads(text[:cut] + "}")
+        if type(fields) is not dict or "meta" in fields:
+            return None
+        start = cut + len(_META_MEMBER_TEXT)
+        meta, end = _DECODER.raw_decode(text, start)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError included
+        return None
+    if _OBJECT_END.fullmatch(text, end) is None:
+        return None
+    meta_json = raw[start:end] if len(text) == len(raw) else text[start:end].encode()
+    return fields, meta, meta_json
+
+
+def _split_document(raw: bytes) -> tuple[dict[str, Any], Any, bytes] | None:
+    """A meta file's ``(fields but the metadata, the caller's metadata, the metadata's
+    JSON)``, or ``None`` if it is not a JSON object with a ``meta`` member."""
+    written = _split_written(raw)
+    if written is not None:
+        return written
+    try:  # not as this module writes it (edited by hand?): parse it whole, re-encode the meta
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or "meta" not in doc:
+        return None
+    meta = doc.pop("meta")
+    try:
+        meta_json = json.dumps(meta, separators=_SEPARATORS).encode()
+    except (ValueError, RecursionError):
+        return None
+    return doc, meta, meta_json
 
 
 def _parse_meta(raw: bytes, hash_hex: str, leaf: str) -> DiskEntry | None:
     """The entry a meta document describes, or ``None`` if it is not a valid one for
     ``hash_hex``."""
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError included
+    split = _split_document(raw)
+    if split is None:
         return None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
+    doc, meta, meta_json = split
+    if doc.get("format") != FORMAT_VERSION:
         return None
-    key, body, size, checksum, stored_at, meta = (
+    key, body, size, checksum, stored_at = (
         doc.get("key"),
         doc.get("body"),
         doc.get("size_bytes"),
         doc.get("checksum"),
         doc.get("stored_at"),
-        doc.get("meta"),
     )
     if (
         not isinstance(key, str)
@@ -252,14 +346,8 @@ def _parse_meta(raw: bytes, hash_hex: str, leaf: str) -> DiskEntry | None:
         or _hash_key(key) != hash_hex
     ):
         return None
-    return DiskEntry(key, f"{leaf}/{body}", size, checksum, meta, float(stored_at))
-
-
-def _normalised_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """``meta`` as it will read back from disk; raises ``TypeError``/``ValueError`` early for
-    what JSON cannot hold."""
-    normalised: dict[str, Any] = json.loads(json.dumps(dict(meta), allow_nan=False))
-    return normalised
+    url_key, tags = _purge_fields(key, meta)
+    return DiskEntry(key, leaf, body, size, checksum, meta_json, float(stored_at), url_key, tags)
 
 
 # ---- blocking helpers (run in worker threads) ---------------------------------------------------
@@ -415,21 +503,21 @@ def _commit(
     last_batch: list[bytes],
     fsync: bool,
     tmp_dir: str,
-    leaf: str,
-    hash_hex: str,
-    record: dict[str, Any],
+    entry: DiskEntry,
     doomed: list[_Doomed],
 ) -> str:
     """Write the last batch, make the body durable and publish body + meta atomically under
     the leaf lock; then delete the policy's victims. Returns the body's checksum, which
-    completes ``record`` (the meta document)."""
+    completes ``entry`` (its ``checksum`` is not known before)."""
     temp.write(last_batch)
     temp.finish(fsync)
     checksum = f"{temp.crc:08x}"
-    record["checksum"] = checksum
-    body_name: str = record["body"]
+    leaf, body_name, hash_hex = entry.leaf, entry.body_name, _hash_key(entry.key)
+    document = _meta_document(
+        entry.key, body_name, entry.size_bytes, checksum, entry.stored_at, entry.meta_json
+    )
     meta_tmp = os.path.join(tmp_dir, f"{hash_hex}.{os.urandom(4).hex()}{_META_SUFFIX}")
-    _write_new_file(meta_tmp, _dump(record), fsync)
+    _write_new_file(meta_tmp, document, fsync)
     meta_path = os.path.join(leaf, hash_hex + _META_SUFFIX)
     try:
         lock_fd = _lock_new_leaf(leaf)
@@ -514,11 +602,10 @@ def _read_body(path: str, size_bytes: int, checksum: str | None) -> bytes | None
 _ScannedLeaf = tuple[str, int | None, list[DiskEntry]]
 
 
-def _scan_leaf(root: str, leaf_id: str, clean: bool, now_ns: int) -> _ScannedLeaf:
-    """The valid entries in one leaf, and its mtime (``None`` when too recent to prove a
-    later change). With ``clean`` (start-up), under the leaf lock, also delete invalid
-    metas, metas whose body is missing and bodies no meta names."""
-    leaf = os.path.join(root, leaf_id)
+def _scan_leaf(leaf_id: str, leaf: str, clean: bool, now_ns: int) -> _ScannedLeaf:
+    """The valid entries in the leaf ``leaf_id`` at path ``leaf``, and its mtime (``None``
+    when too recent to prove a later change). With ``clean`` (start-up), under the leaf lock,
+    also delete invalid metas, metas whose body is missing and bodies no meta names."""
     try:
         fd = os.open(leaf, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -564,12 +651,15 @@ def _leaf_id_of(leaf: os.DirEntry[str]) -> str:
     return leaf.path[-4:]  # "ab/c"
 
 
-def _scan_leaves(root: str, leaf_ids: Iterable[str] | None, clean: bool) -> list[_ScannedLeaf]:
-    """:func:`_scan_leaf` over ``leaf_ids``, or over every existing leaf when ``None``."""
+def _scan_leaves(
+    root: str, leaf_ids: Iterable[str] | None, clean: bool, leaf_path: Callable[[str], str]
+) -> list[_ScannedLeaf]:
+    """:func:`_scan_leaf` over ``leaf_ids``, or over every existing leaf when ``None``;
+    ``leaf_path`` names a leaf's directory (the tier's shared strings)."""
     now_ns = time.time_ns()
     if leaf_ids is None:
         leaf_ids = [_leaf_id_of(leaf) for leaf in _existing_leaves(root)]
-    return [_scan_leaf(root, leaf_id, clean, now_ns) for leaf_id in leaf_ids]
+    return [_scan_leaf(leaf_id, leaf_path(leaf_id), clean, now_ns) for leaf_id in leaf_ids]
 
 
 def _changed_leaves(root: str, stamps: Mapping[str, int]) -> list[str]:
@@ -657,7 +747,8 @@ class DiskTier:
         self._fsync = fsync
         self._clock = clock
         self._index: dict[str, DiskEntry] = {}
-        self._leaf_keys: dict[str, set[str]] = {}
+        self._leaf_keys: dict[str, list[str]] = {}  # leaf id -> indexed keys (a few each)
+        self._leaf_paths: dict[str, str] = {}
         self._verified: set[str] = set()  # body file names checked (or written) here
         self._verifying: dict[str, asyncio.Future[bool]] = {}
         self._stamps: dict[str, int] = {}  # leaf id -> mtime when last scanned
@@ -668,7 +759,15 @@ class DiskTier:
         return asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     def _leaf(self, hash_hex: str) -> str:
-        return f"{self._root}/{hash_hex[:2]}/{hash_hex[2]}"
+        return self._leaf_path(_leaf_id(hash_hex))
+
+    def _leaf_path(self, leaf_id: str) -> str:
+        """The path of a leaf directory: one string per leaf, which the entries in it share.
+        Also called from worker threads (at worst two threads make two equal strings)."""
+        path = self._leaf_paths.get(leaf_id)
+        if path is None:
+            path = self._leaf_paths[leaf_id] = f"{self._root}/{leaf_id}"
+        return path
 
     def _tmp(self) -> str:
         if self._tmp_dir is None:
@@ -698,7 +797,7 @@ class DiskTier:
         return len(self._index)
 
     def _scan_all(self) -> list[_ScannedLeaf]:
-        return _scan_leaves(self._root, None, True)
+        return _scan_leaves(self._root, None, True, self._leaf_path)
 
     async def close(self) -> None:
         """Remove this tier's temp directory. In-flight stores fail; call it after the
@@ -804,13 +903,13 @@ class DiskTier:
         raw = await self._run(_read_file, f"{leaf}/{hash_hex}{_META_SUFFIX}")
         found = None if raw is None else _parse_meta(raw, hash_hex, leaf)
         if self._holds(entry):
-            if found is None or found.body_file == entry.body_file:
+            if found is None or found.body_name == entry.body_name:
                 self._forget(entry.key)
             else:
                 doomed = self._adopt(found)
                 if doomed:
                     await self._run(_delete_entries, doomed)
-        if found is not None and found.body_file == entry.body_file:
+        if found is not None and found.body_name == entry.body_name:
             # The meta names a body that is not there: broken (edited by hand?); drop it.
             await self._run(_delete_entries, [_Doomed(leaf, hash_hex, entry.body_name)])
         return EntryGoneError(entry.key, "body removed or replaced")
@@ -838,7 +937,8 @@ class DiskTier:
         (a ``ValueError``) is raised.
         """
         tmp_dir = self._tmp()
-        meta = _normalised_meta(meta)
+        meta_json = _encode_meta(meta)
+        url_key, tags = _purge_fields(key, meta)
         hash_hex = _hash_key(key)
         body_name = f"{hash_hex}.{os.urandom(8).hex()}{_BODY_SUFFIX}"
         temp = _TempBody(os.path.join(tmp_dir, body_name))
@@ -856,11 +956,10 @@ class DiskTier:
                 await self._run(_discard, temp, doomed)
                 return None
             leaf = self._leaf(hash_hex)
-            stored_at = self._clock()
-            record = _meta_record(key, body_name, size_bytes, "", stored_at, meta)
-            checksum = await self._run(
-                _commit, temp, batch, self._fsync, tmp_dir, leaf, hash_hex, record, doomed
+            entry = DiskEntry(
+                key, leaf, body_name, size_bytes, "", meta_json, self._clock(), url_key, tags
             )
+            checksum = await self._run(_commit, temp, batch, self._fsync, tmp_dir, entry, doomed)
         except BaseException:
             if decided:
                 self._forget(key)  # whatever is on disk now, a later lookup adopts
@@ -869,7 +968,7 @@ class DiskTier:
         if key not in self._policy:  # evicted by a concurrent store while we published
             await self._run(_delete_entries, [_Doomed(leaf, hash_hex, body_name)])
             return None
-        entry = DiskEntry(key, f"{leaf}/{body_name}", size_bytes, checksum, meta, stored_at)
+        entry = replace(entry, checksum=checksum)
         self._index_put(entry, hash_hex)
         self._verified.add(body_name)  # checksummed as it was written
         return entry
@@ -927,14 +1026,13 @@ class DiskTier:
             if indexed is None:
                 return None
             entry = indexed
-        meta = _normalised_meta(meta)
+        meta_json = _encode_meta(meta)
+        url_key, tags = _purge_fields(entry.key, meta)
         hash_hex = _hash_key(entry.key)
         body_name = entry.body_name
-        updated = DiskEntry(
-            entry.key, entry.body_file, entry.size_bytes, entry.checksum, meta, entry.stored_at
-        )
-        record = _meta_record(
-            entry.key, body_name, entry.size_bytes, entry.checksum, entry.stored_at, meta
+        updated = replace(entry, meta_json=meta_json, url_key=url_key, tags=tags)
+        document = _meta_document(
+            entry.key, body_name, entry.size_bytes, entry.checksum, entry.stored_at, meta_json
         )
         rewritten = await self._run(
             _rewrite_meta,
@@ -942,15 +1040,15 @@ class DiskTier:
             self._leaf(hash_hex),
             hash_hex,
             body_name,
-            _dump(record),
+            document,
             self._fsync,
         )
         current = self._index.get(entry.key)
         if not rewritten:
-            if current is not None and current.body_file == entry.body_file:
+            if current is not None and current.body_name == body_name:
                 self._forget(entry.key)  # the next lookup re-reads the disk
             return None
-        if current is not None and current.body_file == entry.body_file:
+        if current is not None and current.body_name == body_name:
             self._index[entry.key] = updated
             return updated
         if current is None and entry.key not in self._policy:
@@ -983,7 +1081,7 @@ class DiskTier:
             leaf_id: {key: self._index[key] for key in self._leaf_keys.get(leaf_id, ())}
             for leaf_id in changed
         }
-        scanned = await self._run(_scan_leaves, self._root, changed, False)
+        scanned = await self._run(_scan_leaves, self._root, changed, False, self._leaf_path)
         changes = 0
         doomed: list[_Doomed] = []
         for leaf_id, stamp, entries in scanned:
@@ -1058,13 +1156,13 @@ class DiskTier:
     def _holds(self, entry: DiskEntry) -> bool:
         """Whether the index holds this entry's body generation."""
         current = self._index.get(entry.key)
-        return current is not None and current.body_file == entry.body_file
+        return current is not None and current.body_name == entry.body_name
 
     def _index_put(self, entry: DiskEntry, hash_hex: str) -> None:
         current = self._index.get(entry.key)
         if current is None:
-            self._leaf_keys.setdefault(_leaf_id(hash_hex), set()).add(entry.key)
-        elif current.body_file != entry.body_file:
+            self._leaf_keys.setdefault(_leaf_id(hash_hex), []).append(entry.key)
+        elif current.body_name != entry.body_name:
             self._verified.discard(current.body_name)
         self._index[entry.key] = entry
 
@@ -1073,8 +1171,8 @@ class DiskTier:
         if entry is not None:
             self._verified.discard(entry.body_name)
             keys = self._leaf_keys.get(_leaf_id(_hash_key(key)))
-            if keys is not None:
-                keys.discard(key)
+            if keys is not None and key in keys:  # a short list: a leaf holds a few entries
+                keys.remove(key)
         return entry
 
     # ---- views ---------------------------------------------------------------------------------
