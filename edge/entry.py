@@ -15,6 +15,7 @@ Encoded copies the edge makes itself (Brotli, gzip) are ``full`` entries at
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Literal
@@ -57,29 +58,41 @@ class EntryMeta:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """As the disk tier stores it (and its index holds it, for every entry): the fields
+        from ``total_bytes`` on only when they differ from their defaults, which
+        :meth:`from_dict` restores."""
+        data: dict[str, Any] = {
             "kind": self.kind,
             "status": self.status,
             "headers": [list(pair) for pair in self.headers],
             "request_time": self.request_time,
             "response_time": self.response_time,
             "body_bytes": self.body_bytes,
-            "total_bytes": self.total_bytes,
-            "slice_bytes": self.slice_bytes,
-            "vary": list(self.vary),
-            "tags": list(self.tags),
-            "url_key": self.url_key,
-            "soft_purged": self.soft_purged,
-            "etag": self.etag,
-            "extra": self.extra,
         }
+        if self.total_bytes:
+            data["total_bytes"] = self.total_bytes
+        if self.slice_bytes:
+            data["slice_bytes"] = self.slice_bytes
+        if self.vary:
+            data["vary"] = list(self.vary)
+        if self.tags:
+            data["tags"] = list(self.tags)
+        if self.url_key:
+            data["url_key"] = self.url_key
+        if self.soft_purged:
+            data["soft_purged"] = True
+        if self.etag is not None:
+            data["etag"] = self.etag
+        if self.extra:
+            data["extra"] = self.extra
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EntryMeta:
         return cls(
             kind=data["kind"],
             status=int(data["status"]),
-            headers=tuple((str(k), str(v)) for k, v in data["headers"]),
+            headers=tuple((sys.intern(str(k)), str(v)) for k, v in data["headers"]),
             request_time=float(data["request_time"]),
             response_time=float(data["response_time"]),
             body_bytes=int(data["body_bytes"]),
@@ -113,16 +126,16 @@ class EntryMeta:
         edge_only: list[tuple[str, str]] = []
         prior: list[str] = []
         has_date = False
-        for key, value in self.headers:
-            lowered = key.lower()
+        for pair in self.headers:  # the stored pairs themselves: no copies kept per entry
+            lowered = pair[0].lower()
             if lowered in ("age", "content-length"):
                 continue
             if lowered == "cache-status":
-                prior.append(value)
+                prior.append(pair[1])
                 continue
             if lowered == "date":
                 has_date = True
-            (edge_only if lowered in EDGE_ONLY else client).append((key, value))
+            (edge_only if lowered in EDGE_ONLY else client).append(pair)
         return tuple(client), tuple(edge_only), ", ".join(prior) or None, has_date
 
     @cached_property

@@ -8,6 +8,7 @@ failure, which decides whether stale content may be served instead.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -120,8 +121,11 @@ class Upstream:
             ) from exc
         except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
             raise UpstreamError("protocol", f"upstream failed: {exc}") from exc
-        headers_out = strip_hop_by_hop(
-            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
+        headers_out = strip_hop_by_hop(  # field names interned: every stored response has them
+            [
+                (sys.intern(k.decode("latin-1")), v.decode("latin-1"))
+                for k, v in response.raw_headers
+            ]
         )
         return UpstreamResponse(
             status=response.status,
