@@ -148,7 +148,7 @@ class EdgeSettings:
     upstream_timeout_s: float = 30.0
     max_upstream_connections: int = 64
     hit_for_miss_s: float = 120.0
-    policy: str = "s3fifo"
+    policy: str = "tinylfu-sa"
     disk_sync_interval_s: float = 5.0
     purge_token: str | None = field(default=None, repr=False)
     redis_url: str | None = None
@@ -905,10 +905,12 @@ class Edge:
             return None  # the full flow makes (or refreshes) the encoded copy
         not_modified = False
         if if_none_match is not None:
-            etag = served.meta.header("etag")
+            etag = served.meta.etag_field
             if etag is None:
                 return None
-            not_modified = (
+            # The usual revalidation echoes the stored tag: that is a match (RFC 9110
+            # §13.1.2) without parsing a list.
+            not_modified = if_none_match == etag or (
                 evaluate_preconditions("GET", headers, etag=etag, last_modified=_EPOCH)
                 == "not-modified"
             )

@@ -139,6 +139,11 @@ class EntryMeta:
         return tuple(client), tuple(edge_only), ", ".join(prior) or None, has_date
 
     @cached_property
+    def etag_field(self) -> str | None:
+        """The stored ``ETag`` field's value (what deliver compares conditionals with)."""
+        return self.header("etag")
+
+    @cached_property
     def encodable(self) -> bool:
         """The edge makes its own Brotli and gzip copies of this response: a compressible
         type, not encoded by upstream, of a size worth compressing."""
