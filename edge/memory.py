@@ -10,9 +10,9 @@ from edge.entry import EntryMeta
 from edge.policy import EvictionPolicy
 
 ENTRY_OVERHEAD_BYTES = 2048
-"""Charged per entry on top of its body, for its metadata and index (measured at about
-2.4 KB per entry, see BENCHMARKS.md): a budget of many tiny objects must not overflow
-memory."""
+"""Charged per entry on top of its body, for its metadata, index and rendered heads (measured
+at about 2.5-2.7 KB per entry, see BENCHMARKS.md "Memory"; the budget counts the larger part
+of it): a budget of many tiny objects must not overflow memory."""
 
 
 @dataclass(slots=True)
