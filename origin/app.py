@@ -59,7 +59,14 @@ from origin.errors import (
     Unauthorized,
 )
 from origin.ingest import Ingest, PublishResult, check_kind, check_tags, session_view
-from origin.notifications import NOTIFICATIONS, start_notifications
+from origin.notifications import (
+    BUCKET_EVENTS,
+    NOTIFICATIONS,
+    WEBHOOK_PATH,
+    bucket_events,
+    make_webhook_handler,
+    start_notifications,
+)
 from origin.purge import PURGE_PATH, make_purge_handler
 from transcode.jobs import (
     JobLimits,
@@ -132,8 +139,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The content team's API needs ``Authorization: Bearer $KSHIPRA_UPLOAD_TOKEN``."""
-    # /v1/purge checks the purge token itself (origin/purge.py).
-    if request.path.startswith("/v1/") and request.path != PURGE_PATH:
+    # /v1/purge and the bucket-event webhook check the purge token themselves.
+    if request.path.startswith("/v1/") and request.path not in (PURGE_PATH, WEBHOOK_PATH):
         expected = request.app[CONFIG].secrets.upload_token
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
@@ -760,7 +767,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     except StorageError as exc:
         log.warning("could not sweep staged uploads: %s", exc)
     # ---- S3 bucket notifications → purges (origin/notifications.py), when configured ----
-    notifications = start_notifications(config, redis_client, app[CATALOGUE])
+    events = bucket_events(config, redis_client, app[CATALOGUE])
+    if events is not None:
+        app[BUCKET_EVENTS] = events  # for MinIO's webhook
+    notifications = start_notifications(config, events)
     if notifications is not None:
         app[NOTIFICATIONS] = notifications
     yield
@@ -794,6 +804,7 @@ def create_app(config: KshipraConfig) -> web.Application:
     app.router.add_put("/v1/uploads/{upload_id}/parts/{number}", put_part)
     app.router.add_post("/v1/uploads/{upload_id}/complete", complete_upload)
     app.router.add_post(PURGE_PATH, make_purge_handler(CONFIG, REDIS))
+    app.router.add_post(WEBHOOK_PATH, make_webhook_handler(CONFIG))
     app.router.add_route("GET", "/content/{tail:.*}", serve_content)
     app.router.add_route("HEAD", "/content/{tail:.*}", serve_content)
     return app

@@ -1,5 +1,7 @@
 """S3 bucket notifications → purges: changes that reach storage without the origin (an
-operator's ``aws s3 cp``) still reach the edges.
+operator's ``aws s3 cp``) still reach the edges. They arrive through an SQS queue (below) or,
+from MinIO, as webhook posts to ``POST /v1/notifications/s3`` (:func:`make_webhook_handler`);
+both go through :class:`BucketEvents`.
 
 When ``origin.notifications_queue_url`` is set and storage is S3, the origin long-polls that SQS
 queue (waiting the queue's ``ReceiveMessageWaitTimeSeconds``, else 20 s, per poll) for the
@@ -32,7 +34,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,6 +49,8 @@ from botocore.config import Config
 from cdn_config import KshipraConfig
 from origin.blobstore import parse_s3_location
 from origin.catalogue import ASSET_ID_RE, MANIFEST_NAME, Catalogue
+from origin.errors import BadRequest
+from origin.purge import check_purge_token
 from origin.sniff import KINDS
 from transcode.jobs import PURGE_STREAM
 
@@ -145,7 +149,9 @@ def parse_message(body: str) -> list[S3Change]:
     for record in document.get("Records", []):
         if not isinstance(record, dict):
             continue
-        event = str(record.get("eventName", ""))
+        event = str(record.get("eventName", "")).removeprefix(
+            "s3:"
+        )  # MinIO: "s3:ObjectCreated:Put"
         s3 = record.get("s3") or {}
         if not event.startswith(("ObjectCreated", "ObjectRemoved")) or not isinstance(s3, dict):
             continue
@@ -225,35 +231,74 @@ def sqs_endpoint_and_region(queue_url: str, default_region: str | None) -> tuple
 Outcome = Literal["purged", "duplicate", "immutable", "unrelated"]
 
 
-class NotificationConsumer:
-    """Long-polls the queue on a thread; handles each message on the event loop."""
+class BucketEvents:
+    """Turns the bucket's object events into purges, however they arrive (the SQS consumer
+    below, or MinIO's webhook: :func:`make_webhook_handler`)."""
 
     def __init__(
         self,
         *,
-        sqs: Any,
-        queue_url: str,
         redis: aioredis.Redis,
         catalogue: Catalogue,
         bucket: str,
         prefix: str = "",
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._sqs = sqs
-        self._queue_url = queue_url
         self._redis = redis
         self._catalogue = catalogue
         self._bucket = bucket
         self._prefix = prefix
-        self._wait_time_s: int | None = None
         self._clock = clock
         self._kinds: dict[str, str] = {}
+        self.outcomes: dict[str, int] = {}
+
+    async def apply(self, changes: list[S3Change]) -> list[Outcome]:
+        outcomes = [await self._apply(change) for change in changes]
+        for outcome in outcomes:
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        return outcomes
+
+    async def _apply(self, change: S3Change) -> Outcome:
+        if change.bucket and change.bucket != self._bucket:
+            log.info("s3 notifications: %s is in bucket %s, not ours", change.key, change.bucket)
+            return "unrelated"
+        impact = impact_of(change.key, self._prefix)
+        if isinstance(impact, Immutable):
+            log.info("s3 %s %s: content-addressed, no purge", change.event, change.key)
+            return "immutable"
+        if isinstance(impact, Unrelated):
+            log.info("s3 %s %s: not served, no purge", change.event, change.key)
+            return "unrelated"
+        manifest = await self._catalogue.get(impact.asset_id, fresh=True)
+        if manifest is not None:
+            self._kinds[impact.asset_id] = manifest.kind
+        kind = manifest.kind if manifest is not None else self._kinds.get(impact.asset_id)
+        tags = tags_for(impact.asset_id, kind)
+        added = await publish_if_newer(self._redis, change, tags, now=self._clock())
+        if not added:
+            log.info("s3 %s %s: already handled (sequencer)", change.event, change.key)
+            return "duplicate"
+        log.info("s3 %s %s: purged %s", change.event, change.key, " ".join(tags))
+        return "purged"
+
+
+class NotificationConsumer:
+    """Long-polls the queue on a thread; handles each message on the event loop."""
+
+    def __init__(self, *, sqs: Any, queue_url: str, events: BucketEvents) -> None:
+        self._sqs = sqs
+        self._queue_url = queue_url
+        self._events = events
+        self._wait_time_s: int | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kshipra-sqs")
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
         self.handled_messages = 0
         self.failed_attempts = 0
-        self.outcomes: dict[str, int] = {}
+
+    @property
+    def outcomes(self) -> dict[str, int]:
+        return self._events.outcomes
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="s3-notifications")
@@ -347,52 +392,35 @@ class NotificationConsumer:
         except (ValueError, TypeError) as exc:
             log.warning("s3 notifications: dropping a malformed message: %s", exc)
             return []
-        outcomes = [await self._apply(change) for change in changes]
-        for outcome in outcomes:
-            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-        return outcomes
-
-    async def _apply(self, change: S3Change) -> Outcome:
-        if change.bucket and change.bucket != self._bucket:
-            log.info("s3 notifications: %s is in bucket %s, not ours", change.key, change.bucket)
-            return "unrelated"
-        impact = impact_of(change.key, self._prefix)
-        if isinstance(impact, Immutable):
-            log.info("s3 %s %s: content-addressed, no purge", change.event, change.key)
-            return "immutable"
-        if isinstance(impact, Unrelated):
-            log.info("s3 %s %s: not served, no purge", change.event, change.key)
-            return "unrelated"
-        manifest = await self._catalogue.get(impact.asset_id, fresh=True)
-        if manifest is not None:
-            self._kinds[impact.asset_id] = manifest.kind
-        kind = manifest.kind if manifest is not None else self._kinds.get(impact.asset_id)
-        tags = tags_for(impact.asset_id, kind)
-        added = await publish_if_newer(self._redis, change, tags, now=self._clock())
-        if not added:
-            log.info("s3 %s %s: already handled (sequencer)", change.event, change.key)
-            return "duplicate"
-        log.info("s3 %s %s: purged %s", change.event, change.key, " ".join(tags))
-        return "purged"
+        return await self._events.apply(changes)
 
 
 NOTIFICATIONS = web.AppKey("notifications", NotificationConsumer)
 
 
+def bucket_events(
+    config: KshipraConfig, redis: aioredis.Redis, catalogue: Catalogue
+) -> BucketEvents | None:
+    """The bucket's event handler when storage is S3 (or an S3 compatible); ``None`` for
+    local storage."""
+    location = parse_s3_location(config.origin.storage)
+    if location is None:
+        return None
+    bucket, prefix = location
+    return BucketEvents(redis=redis, catalogue=catalogue, bucket=bucket, prefix=prefix)
+
+
 def start_notifications(
-    config: KshipraConfig,
-    redis: aioredis.Redis,
-    catalogue: Catalogue,
+    config: KshipraConfig, events: BucketEvents | None
 ) -> NotificationConsumer | None:
-    """Start consuming when configured (call inside a running loop); ``None`` otherwise."""
+    """Start consuming the SQS queue when configured (call inside a running loop); ``None``
+    otherwise."""
     queue_url = config.origin.notifications_queue_url
     if not queue_url:
         return None
-    location = parse_s3_location(config.origin.storage)
-    if location is None:
+    if events is None:
         log.warning("origin.notifications_queue_url is set, but storage is not S3: ignored")
         return None
-    bucket, prefix = location
     endpoint, region = sqs_endpoint_and_region(queue_url, config.origin.s3_region)
     sqs = boto3.session.Session().client(
         "sqs",
@@ -400,13 +428,44 @@ def start_notifications(
         region_name=region,
         config=Config(retries={"max_attempts": 3, "mode": "standard"}),
     )
-    consumer = NotificationConsumer(
-        sqs=sqs,
-        queue_url=queue_url,
-        redis=redis,
-        catalogue=catalogue,
-        bucket=bucket,
-        prefix=prefix,
-    )
+    consumer = NotificationConsumer(sqs=sqs, queue_url=queue_url, events=events)
     consumer.start()
     return consumer
+
+
+# ---- MinIO's webhook -------------------------------------------------------------------------
+
+WEBHOOK_PATH = "/v1/notifications/s3"
+MAX_WEBHOOK_BODY_BYTES = 1024 * 1024
+BUCKET_EVENTS = web.AppKey("bucket-events", BucketEvents)
+
+
+def make_webhook_handler(
+    config_key: web.AppKey[KshipraConfig],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``POST /v1/notifications/s3``: a bucket event posted by MinIO's webhook target
+    (``mc admin config set ALIAS notify_webhook:kshipra endpoint=…/v1/notifications/s3
+    auth_token=$KSHIPRA_PURGE_TOKEN``), or anything that posts S3 event JSON. Bearer purge
+    token. A malformed body gets a 400 (a retry cannot fix it); Redis down, a 503, so MinIO
+    delivers the event again later. Duplicates are dropped by sequencer, as for SQS."""
+
+    async def webhook(request: web.Request) -> web.Response:
+        check_purge_token(request.app[config_key], request.headers.get("Authorization", ""))
+        events = request.app.get(BUCKET_EVENTS)
+        if events is None:
+            raise BadRequest(
+                "not_s3_storage", "bucket notifications need S3 (or S3-compatible) storage"
+            )
+        if (request.content_length or 0) > MAX_WEBHOOK_BODY_BYTES:
+            raise BadRequest("body_too_large", "an event may be at most 1 MiB")
+        body = await request.content.read(MAX_WEBHOOK_BODY_BYTES + 1)
+        if len(body) > MAX_WEBHOOK_BODY_BYTES:
+            raise BadRequest("body_too_large", "an event may be at most 1 MiB")
+        try:
+            changes = parse_message(body.decode())
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise BadRequest("invalid_event", f"not an S3 event document: {exc}") from None
+        outcomes = await events.apply(changes)
+        return web.json_response({"changes": len(changes), "outcomes": outcomes})
+
+    return webhook

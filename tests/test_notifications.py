@@ -34,7 +34,7 @@ from origin.notifications import (
     sqs_endpoint_and_region,
     tags_for,
 )
-from tests.conftest import free_port, make_config
+from tests.conftest import PURGE_TOKEN, UPLOAD_TOKEN, free_port, make_config
 from tests.fixtures_s3 import REGION, s3_client
 
 STREAM = "kshipra:purges"
@@ -394,3 +394,103 @@ async def test_a_change_seen_while_redis_is_down_is_purged_when_it_returns(
     finally:
         with contextlib.suppress(ValkeyServerNotStartedError):
             server.stop()
+
+
+# ---- MinIO's webhook ----------------------------------------------------------------------------
+
+
+def minio_event(bucket: str, key: str, sequencer: str, name: str = "s3:ObjectCreated:Put") -> str:
+    """What a MinIO ``notify_webhook`` target posts: S3 records with ``s3:`` event names and a
+    URL-encoded key."""
+    record = {
+        "eventVersion": "2.0",
+        "eventSource": "minio:s3",
+        "awsRegion": "",
+        "eventTime": "2026-11-27T10:00:00.000Z",
+        "eventName": name,
+        "userIdentity": {"principalId": "minioadmin"},
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": "Config",
+            "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
+            "object": {
+                "key": key.replace("/", "%2F"),
+                "size": 120,
+                "eTag": "0123456789abcdef0123456789abcdef",
+                "contentType": "application/json",
+                "sequencer": sequencer,
+            },
+        },
+    }
+    return json.dumps({"EventName": name, "Key": f"{bucket}/{key}", "Records": [record]})
+
+
+WEBHOOK = "/v1/notifications/s3"
+PURGE_AUTH = {"Authorization": f"Bearer {PURGE_TOKEN}"}
+
+
+async def test_minio_webhook_events_become_soft_tag_purges_once(
+    moto_server: str,
+    s3_bucket: str,
+    valkey_url: str,
+    redis_client: aioredis.Redis,
+    aiohttp_client: Any,
+) -> None:
+    config = make_config(f"s3://{s3_bucket}", valkey_url + "/8", s3_endpoint=moto_server)
+    origin: Client = await aiohttp_client(create_app(config))
+    await put(moto_server, s3_bucket, "assets/mole/manifest.json", manifest_json("mole", "bundle"))
+
+    event = minio_event(s3_bucket, "assets/mole/manifest.json", "17A8F9B3C2D1E0F0")
+    answer = await origin.post(WEBHOOK, data=event, headers=PURGE_AUTH)
+    assert answer.status == 200
+    assert await answer.json() == {"changes": 1, "outcomes": ["purged"]}
+    purges, _ = await next_purges(redis_client, "0-0", "bundle:mole")
+    assert purges == [("tag", "bundle:mole", "1")]
+
+    # MinIO retries until it gets a 2xx: the same event again purges nothing more.
+    again = await origin.post(WEBHOOK, data=event, headers=PURGE_AUTH)
+    assert (await again.json())["outcomes"] == ["duplicate"]
+    immutable = minio_event(s3_bucket, "renditions/p/ab/w64.webp", "17A8F9B3C2D1E0F1")
+    answer = await origin.post(WEBHOOK, data=immutable, headers=PURGE_AUTH)
+    assert (await answer.json())["outcomes"] == ["immutable"]
+    assert await redis_client.xlen(STREAM) == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "code"),
+    [
+        ({}, "{}", 401, "missing_token"),
+        ({"Authorization": "Bearer wrong"}, "{}", 403, "wrong_token"),
+        # the upload token is not the purge token
+        ({"Authorization": f"Bearer {UPLOAD_TOKEN}"}, "{}", 403, "wrong_token"),
+        (PURGE_AUTH, "not json", 400, "invalid_event"),
+        (PURGE_AUTH, '{"Records": [{"eventName": "s3:ObjectCreated:Put"}]}', 400, "invalid_event"),
+        (PURGE_AUTH, "x" * (1024 * 1024 + 1), 400, "body_too_large"),
+    ],
+)
+async def test_bad_webhook_posts_are_refused_and_purge_nothing(
+    moto_server: str,
+    s3_bucket: str,
+    valkey_url: str,
+    redis_client: aioredis.Redis,
+    aiohttp_client: Any,
+    headers: dict[str, str],
+    body: str,
+    status: int,
+    code: str,
+) -> None:
+    config = make_config(f"s3://{s3_bucket}", valkey_url + "/8", s3_endpoint=moto_server)
+    origin: Client = await aiohttp_client(create_app(config))
+    answer = await origin.post(WEBHOOK, data=body, headers=headers)
+    assert answer.status == status
+    assert (await answer.json())["error"]["code"] == code
+    assert await redis_client.xlen(STREAM) == 0
+
+
+async def test_the_webhook_needs_s3_storage(
+    aiohttp_client: Any, tmp_path: Path, valkey_url: str
+) -> None:
+    origin: Client = await aiohttp_client(create_app(make_config(str(tmp_path), valkey_url)))
+    answer = await origin.post(WEBHOOK, data="{}", headers=PURGE_AUTH)
+    assert answer.status == 400
+    assert (await answer.json())["error"]["code"] == "not_s3_storage"
