@@ -23,6 +23,18 @@ from transcode.pipelines import run_pipeline
 log = logging.getLogger(__name__)
 
 
+class _UpkeepStopNoise(logging.Filter):
+    """saq's ``Worker.stop`` waits for all its tasks, its never-ending upkeep loops included,
+    so every stop logs that "some tasks did not finish" and cancels them. That is how saq
+    stops, not a problem; :func:`run_worker` says itself when a stop cancels a running job."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Some tasks did not finish within the shutdown")
+
+
+logging.getLogger("saq").addFilter(_UpkeepStopNoise())
+
+
 async def run_worker(config: KshipraConfig, *, concurrency: int, stop: asyncio.Event) -> None:
     """Take jobs until *stop* is set; finish or hand back the running ones."""
     queue = make_queue(config.redis.url)
@@ -84,6 +96,13 @@ async def run_worker(config: KshipraConfig, *, concurrency: int, stop: asyncio.E
         await stop.wait()
     finally:
         sweeper.cancel()
+        running = len(worker.job_task_contexts)
+        if running:
+            log.warning(
+                "stopping with %d job(s) running: they are cancelled here and another worker "
+                "takes them over after the heartbeat timeout",
+                running,
+            )
         await worker.stop()
         worker_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
