@@ -11,15 +11,17 @@ requests is parsed (by aiohttp's own parser), asks the edge's *express* function
 request at the head of the connection's queue:
 
 - the function returns the complete response (status line, headers, body) for a request it
-  can answer exactly as the full request flow would — a ``GET``/``HEAD`` for a fresh, stored
-  ``200`` held in memory, with nothing in the request that asks for more (no conditionals,
-  ranges, cache directives, fleet or dictionary fields; see :meth:`edge.app.Edge.express`);
+  can answer exactly as the full request flow would — a ``GET`` for a fresh, stored ``200``
+  held in memory, with nothing in the request that asks for more (no ranges, no conditionals
+  but ``If-None-Match``, no cache directives, fleet or dictionary fields; see
+  :meth:`edge.app.Edge.express`);
 - the handler writes it at once and moves on to the next queued request;
 - the first request it cannot answer, and everything after it on that connection, goes to
   aiohttp's request cycle as usual, so pipelined responses keep their order.
 
 While aiohttp's handler task is busy with a request (or a response is waiting on a slow
-reader: writing paused), every request is queued for it, never answered ahead of it.
+reader: writing paused), every request is queued for it, never answered ahead of it. A new
+connection's first requests qualify too: the handler task has had nothing to do yet.
 
 This relies on a handful of aiohttp's protocol attributes (the message queue, the handler
 waiter, the keep-alive deadline). :data:`SUPPORTED` checks that they exist in the installed
