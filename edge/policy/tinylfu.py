@@ -51,6 +51,18 @@ _SEED2 = 0x9AE16A3B2F90404F
 _SEED3 = 0xCBF29CE484222325
 
 
+def row_indices(key: str, shift: int, width: int) -> tuple[int, int, int, int]:
+    """*key*'s counter in each of four rows of *width* counters laid end to end (*shift* is
+    ``64 - log2(width)``): multiply-shift hashing of Python's ``hash`` with Caffeine's seeds."""
+    h = hash(key) & _MASK64
+    return (
+        ((h * _SEED0) & _MASK64) >> shift,
+        width + (((h * _SEED1) & _MASK64) >> shift),
+        2 * width + (((h * _SEED2) & _MASK64) >> shift),
+        3 * width + (((h * _SEED3) & _MASK64) >> shift),
+    )
+
+
 class CountMinSketch:
     """Approximate, aging frequency counts: four rows of 4-bit counters."""
 
@@ -90,25 +102,12 @@ class CountMinSketch:
         self._additions = sum(count for _, count in kept)
 
     def _indices(self, key: str) -> tuple[int, int, int, int]:
-        h = hash(key) & _MASK64
-        shift, width = self._shift, self._width
-        return (
-            ((h * _SEED0) & _MASK64) >> shift,
-            width + (((h * _SEED1) & _MASK64) >> shift),
-            2 * width + (((h * _SEED2) & _MASK64) >> shift),
-            3 * width + (((h * _SEED3) & _MASK64) >> shift),
-        )
+        return row_indices(key, self._shift, self._width)
 
     def increment(self, key: str) -> None:
-        h = hash(key) & _MASK64
-        shift, width, table = self._shift, self._width, self._table
+        table = self._table
         added = False
-        for index in (
-            ((h * _SEED0) & _MASK64) >> shift,
-            width + (((h * _SEED1) & _MASK64) >> shift),
-            2 * width + (((h * _SEED2) & _MASK64) >> shift),
-            3 * width + (((h * _SEED3) & _MASK64) >> shift),
-        ):
+        for index in row_indices(key, self._shift, self._width):
             if table[index] < _COUNTER_MAX:
                 table[index] += 1
                 added = True

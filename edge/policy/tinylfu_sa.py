@@ -70,19 +70,13 @@ from collections.abc import Iterator
 from itertools import chain
 
 from edge.policy.base import SizeBookedPolicy
+from edge.policy.tinylfu import row_indices
 
 MAX_COUNT = 15
 _ROWS = 4
 _COUNTERS_PER_KEY = 4  # per row
 _SAMPLE_FACTOR = 10  # requests per key between two halvings (TinyLFU's W / C)
 _HALVED = bytes(value >> 1 for value in range(256))
-_MASK64 = (1 << 64) - 1
-# Caffeine's FrequencySketch seeds; row i's index is the top bits of hash * SEED_i mod 2**64,
-# so the four rows are independent (see edge.policy.tinylfu for why not double hashing).
-_SEED0 = 0xC3A5C85C97CB3127
-_SEED1 = 0xB492B66FBE98F273
-_SEED2 = 0x9AE16A3B2F90404F
-_SEED3 = 0xCBF29CE484222325
 
 
 class HistorySketch:
@@ -107,14 +101,9 @@ class HistorySketch:
         return self._width // _COUNTERS_PER_KEY
 
     def _indices(self, key: str) -> tuple[int, int, int, int]:
-        h = hash(key) & _MASK64
-        shift, width = self._shift, self._width
-        return (
-            ((h * _SEED0) & _MASK64) >> shift,
-            width + (((h * _SEED1) & _MASK64) >> shift),
-            2 * width + (((h * _SEED2) & _MASK64) >> shift),
-            3 * width + (((h * _SEED3) & _MASK64) >> shift),
-        )
+        # Row i's index is the top bits of hash * SEED_i mod 2**64 (Caffeine's seeds), so the
+        # four rows are independent (see edge.policy.tinylfu for why not double hashing).
+        return row_indices(key, self._shift, self._width)
 
     def add(self, key: str) -> int:
         """Count one request for ``key``; return its estimate *before* this request."""
