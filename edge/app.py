@@ -125,7 +125,9 @@ _EXPRESS_BLOCKERS = (
 """Request fields that ask the edge for more than a stored response's bytes: such requests
 take the full flow, never the express lane."""
 _NO_CONTROLS = RequestControls()
-_OWN_ROUTES = frozenset({"/healthz", "/metrics"})
+HEALTHZ_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+_OWN_ROUTES = frozenset({HEALTHZ_PATH, METRICS_PATH})
 _EPOCH = datetime.fromtimestamp(0, UTC)
 _NOT_IN_304 = frozenset({"content-type", "content-encoding", "content-range", "accept-ranges"})
 """What deliver leaves out of a 304 (RFC 9110 §15.4.5 keeps the validators and caching
@@ -873,9 +875,7 @@ class Edge:
         if_none_match = headers.get("If-None-Match")
         if if_none_match is None and "If-Modified-Since" in headers:
             return None  # (with If-None-Match, If-Modified-Since is ignored: RFC 9110 §13.2.2)
-        if sum(len(name) + len(value) + 4 for name, value in message.raw_headers) > (
-            MAX_HEADER_BLOCK_BYTES
-        ):
+        if header_block_bytes(message.raw_headers) > MAX_HEADER_BLOCK_BYTES:
             return None  # the full flow answers 431
         url_key = self._express_keys.get(message.path)
         if url_key is None:
@@ -942,12 +942,7 @@ class Edge:
             return entry
         meta = entry.meta
         encoded = self.cache.memory.peek(entry.key + ENCODING_SEP + coding)
-        if (
-            encoded is None
-            or encoded.meta.etag != encoded_etag(meta.etag, coding)
-            or encoded.meta.response_time != meta.response_time
-            or encoded.meta.soft_purged != meta.soft_purged
-        ):
+        if encoded is None or not _made_from(encoded.meta, meta, coding):
             return None
         return encoded
 
@@ -1077,7 +1072,7 @@ class Edge:
             if etag is None and any(h in request_headers for h in ("If-None-Match", "If-Match")):
                 precondition = "proceed" if "If-Match" not in request_headers else "failed"
             if precondition == "not-modified":
-                for name in ("Content-Type", "Content-Encoding", "Content-Range", "Accept-Ranges"):
+                for name in _NOT_IN_304:
                     headers.popall(name, None)
                 return web.Response(status=304, headers=headers)
             if precondition == "failed":
@@ -1240,11 +1235,8 @@ class Edge:
             and found.meta.etag == encoded_etag(meta.etag, coding)
             and found.meta.response_time >= meta.response_time
         ):
-            if (
-                found.meta.response_time == meta.response_time
-                and found.meta.soft_purged == meta.soft_purged
-            ):
-                return found, found.meta  # made from this very identity copy: reuse as is
+            if _made_from(found.meta, meta, coding):
+                return found, found.meta  # reuse as is
             return found, replace(
                 found.meta,
                 headers=_merge_fresh(meta, found.meta),
@@ -1277,6 +1269,16 @@ class Edge:
         encoded_meta = replace(meta, headers=tuple(headers), body_bytes=len(encoded), etag=new_etag)
         stored = await self.cache.store_bytes(encoded_key, encoded_meta, encoded)
         return stored, encoded_meta
+
+
+def _made_from(encoded: EntryMeta, identity: EntryMeta, coding: str) -> bool:
+    """*encoded* is the *coding* copy of this very stored *identity* response (same
+    validator, same response, same purge state): it can be sent as it is."""
+    return (
+        encoded.etag == encoded_etag(identity.etag, coding)
+        and encoded.response_time == identity.response_time
+        and encoded.soft_purged == identity.soft_purged
+    )
 
 
 def _merge_fresh(identity: EntryMeta, encoded: EntryMeta) -> tuple[tuple[str, str], ...]:
@@ -1355,11 +1357,15 @@ async def purge_handler(request: web.Request) -> web.Response:
     return await purge_endpoint(request, token=edge.settings.purge_token, apply=edge.apply_purges)
 
 
+def header_block_bytes(raw_headers: Sequence[tuple[bytes, bytes]]) -> int:
+    """The request's header block as counted against :data:`MAX_HEADER_BLOCK_BYTES`."""
+    return sum(len(name) + len(value) + 4 for name, value in raw_headers)
+
+
 async def proxy(request: web.Request) -> web.StreamResponse:
     # aiohttp limits each header line; we also limit the whole block (RFC 6585 431). Done
     # here rather than in a middleware: middlewares cost a few percent on every hit.
-    size = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
-    if size > MAX_HEADER_BLOCK_BYTES:
+    if header_block_bytes(request.raw_headers) > MAX_HEADER_BLOCK_BYTES:
         return error_response(431, f"request headers exceed {MAX_HEADER_BLOCK_BYTES} bytes")
     return await request.app[EDGE].handle(request)
 
@@ -1384,8 +1390,8 @@ def create_app(settings: EdgeSettings) -> web.Application:
     app[EDGE] = Edge(settings)
     app.cleanup_ctx.append(_lifecycle)
     app[RUNNER] = express_runner
-    app.router.add_get("/healthz", healthz, allow_head=True)
-    app.router.add_get("/metrics", metrics_handler, allow_head=False)
+    app.router.add_get(HEALTHZ_PATH, healthz, allow_head=True)
+    app.router.add_get(METRICS_PATH, metrics_handler, allow_head=False)
     app.router.add_post(PURGE_PATH, purge_handler)
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app
