@@ -4,6 +4,7 @@ from cdn_config.load import SAMPLE_CONFIG, ConfigError, load_config
 from cdn_config.model import (
     CacheRule,
     EdgeConfig,
+    JobConcurrency,
     KshipraConfig,
     MediaConfig,
     OriginConfig,
@@ -20,6 +21,7 @@ __all__ = [
     "CacheRule",
     "ConfigError",
     "EdgeConfig",
+    "JobConcurrency",
     "KshipraConfig",
     "MediaConfig",
     "OriginConfig",

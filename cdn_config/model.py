@@ -151,6 +151,29 @@ class MediaConfig(_Section):
     """Path to ffmpeg; unset means the binary shipped in the imageio-ffmpeg wheel."""
 
 
+class JobConcurrency(_Section):
+    """Jobs of each kind one worker runs at once; ``0``: this worker takes none of that kind
+    (a fleet can keep lecture workers apart from the quick ones). Each kind has its own
+    queue, so a question bank never waits behind a lecture."""
+
+    lecture: int = Field(default=1, ge=0, le=64)
+    image: int = Field(default=2, ge=0, le=64)
+    bundle: int = Field(default=2, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _some_work(self) -> JobConcurrency:
+        if self.lecture + self.image + self.bundle == 0:
+            raise ValueError("a worker must take at least one kind of job")
+        return self
+
+
+def _concurrency_form(value: object) -> object:
+    """``concurrency = 2`` (the older form) means two lectures at once."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {"lecture": value}
+    return value
+
+
 class TranscodeConfig(_Section):
     """What workers make of uploads, and how their jobs run."""
 
@@ -162,7 +185,9 @@ class TranscodeConfig(_Section):
     heartbeat_s: int = Field(default=30, ge=2)
     """A job whose worker is silent this long is taken over by another worker."""
     retries: int = Field(default=4, ge=1, le=20)
-    concurrency: int = Field(default=1, ge=1, le=64)
+    concurrency: Annotated[JobConcurrency, BeforeValidator(_concurrency_form)] = Field(
+        default_factory=JobConcurrency
+    )
 
     @field_validator("image_widths")
     @classmethod

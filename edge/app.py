@@ -126,8 +126,9 @@ _EXPRESS_BLOCKERS = (
 take the full flow, never the express lane."""
 _NO_CONTROLS = RequestControls()
 HEALTHZ_PATH = "/healthz"
+READYZ_PATH = "/readyz"
 METRICS_PATH = "/metrics"
-_OWN_ROUTES = frozenset({HEALTHZ_PATH, METRICS_PATH})
+_OWN_ROUTES = frozenset({HEALTHZ_PATH, READYZ_PATH, METRICS_PATH})
 _EPOCH = datetime.fromtimestamp(0, UTC)
 _NOT_IN_304 = frozenset({"content-type", "content-encoding", "content-range", "accept-ranges"})
 """What deliver leaves out of a 304 (RFC 9110 §15.4.5 keeps the validators and caching
@@ -292,6 +293,20 @@ class Edge:
                 upstream=self.settings.upstream_url,
             )
             await self.purge_consumer.start()
+        else:
+            log.warning(
+                "%s: NO PURGES: this edge follows no purge stream (no Redis configured), so "
+                "publishes and `kshipra purge` will not reach it; objects change here only "
+                "when their TTL runs out. Start it with --redis URL or a config with redis.url.",
+                self.settings.name,
+            )
+
+    def purge_state(self) -> str:
+        """``off`` (no Redis configured), ``catching-up`` (replaying before it serves fresh
+        purges), or ``following``."""
+        if self.purge_consumer is None:
+            return "off"
+        return "following" if self.purge_consumer.caught_up.is_set() else "catching-up"
 
     async def apply_purges(self, purges: Sequence[Purge]) -> Applied:
         """purge: apply a batch of purges to every tier (see :mod:`edge.purge`)."""
@@ -1346,6 +1361,23 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "edge": request.app[EDGE].settings.name})
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """``200`` when the edge serves with its purge stream followed (or deliberately without
+    one: ``purges: off``, said loudly at start-up too); ``503`` while it has not caught up."""
+    edge = request.app[EDGE]
+    state = edge.purge_state()
+    consumer = edge.purge_consumer
+    body = {
+        "status": "not-ready" if state == "catching-up" else "ready",
+        "edge": edge.settings.name,
+        "purges": state,
+        "purge_last_applied": None if consumer is None else consumer.last_applied,
+    }
+    if state == "off":
+        body["warning"] = "this edge receives no purges: start it with --redis or a config"
+    return web.json_response(body, status=503 if state == "catching-up" else 200)
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
     body, content_type = request.app[EDGE].metrics.render()
     return web.Response(body=body, headers={"Content-Type": content_type})
@@ -1391,6 +1423,7 @@ def create_app(settings: EdgeSettings) -> web.Application:
     app.cleanup_ctx.append(_lifecycle)
     app[RUNNER] = express_runner
     app.router.add_get(HEALTHZ_PATH, healthz, allow_head=True)
+    app.router.add_get(READYZ_PATH, readyz, allow_head=True)
     app.router.add_get(METRICS_PATH, metrics_handler, allow_head=False)
     app.router.add_post(PURGE_PATH, purge_handler)
     app.router.add_route("*", "/{tail:.*}", proxy)

@@ -51,6 +51,14 @@ def _serve_one(settings: EdgeSettings, host: str, port: int, reuse_port: bool) -
             f"edge {settings.name} (pid {os.getpid()}) listening on {urls[0]}, "
             f"upstream {settings.upstream_url}"
         )
+        if settings.redis_url is None:
+            terminal.error(
+                f"edge {settings.name} receives NO PURGES: no Redis given, so publishes and "
+                "`kshipra purge` never reach it (objects change only when their TTL runs out); "
+                "add --redis redis://HOST:PORT or run it from a config with redis.url"
+            )
+        else:
+            terminal.info(f"edge {settings.name} follows the purge stream at {settings.redis_url}")
 
     run(serve_apps([(create_app(settings), host, port)], on_ready=ready, reuse_port=reuse_port))
 
@@ -142,6 +150,8 @@ def edge_command(
             name=name or "kshipra-edge",
             upstream_url=upstream,
             purge_token=config.secrets.purge_token,
+            # KSHIPRA_REDIS__URL reaches here too; the embedded default is the origin's own.
+            redis_url=None if config.redis.url == "embedded" else config.redis.url,
         )
         listen = listen or "127.0.0.1:8081"
     overrides: dict[str, Any] = {}

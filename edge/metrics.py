@@ -66,6 +66,13 @@ class EdgeMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=registry,
         )
+        following = Gauge(
+            "kshipra_edge_purge_stream_following",
+            "1 while this edge follows the fleet's purge stream and has caught up; 0 with no "
+            "Redis configured (it receives no purges) or while catching up",
+            registry=registry,
+        )
+        following.set_function(lambda: 1.0 if edge.purge_state() == "following" else 0.0)
         memory_bytes = Gauge(
             "kshipra_edge_memory_tier_bytes", "Bytes held by the memory tier", registry=registry
         )

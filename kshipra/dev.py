@@ -85,7 +85,15 @@ async def _wait_for_latest(origin_url: str, token: str, asset_id: str) -> str:
     type=click.Path(file_okay=False, path_type=Path),
     help="Storage, Valkey data and caches",
 )
-def dev_command(origin_listen: str, edge_listen: str, data_dir: Path) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 16),
+    default=1,
+    show_default=True,
+    help="Transcode workers in this process (each runs lectures, images and bundles on "
+    "their own queues: a bundle never waits behind a lecture)",
+)
+def dev_command(origin_listen: str, edge_listen: str, data_dir: Path, workers: int) -> None:
     """Run origin, worker and edge on loopback with an embedded Valkey, upload a sample
     question bank, and print the URLs."""
     # Imported here so `kshipra --help` and the client commands start fast.
@@ -129,6 +137,7 @@ def dev_command(origin_listen: str, edge_listen: str, data_dir: Path) -> None:
         memory_bytes=64 * 1024**2,
         disk_bytes=1024**3,
         purge_token=os.environ["KSHIPRA_PURGE_TOKEN"],
+        redis_url=redis_url,  # the dev edge follows the purge stream like any fleet edge
     )
 
     async def ready(urls: list[str]) -> None:
@@ -139,7 +148,11 @@ def dev_command(origin_listen: str, edge_listen: str, data_dir: Path) -> None:
         terminal.result(f"origin   {origin_url}   (storage {data_dir / 'storage'})")
         terminal.result(f"edge     {edge_url}   (cache {data_dir / 'edge-cache'})")
         terminal.result(f"valkey   {redis_url}   (embedded, pid {valkey.pid})")
-        terminal.result("worker   1 (in this process)")
+        lanes = config.transcode.concurrency
+        terminal.result(
+            f"workers  {workers} in this process (each: lecture x{lanes.lecture}, "
+            f"image x{lanes.image}, bundle x{lanes.bundle}, one queue per kind)"
+        )
         terminal.result(f"sample   {through_edge}")
         terminal.result(f"try      curl -si --compressed {through_edge} | grep -i cache-status")
         terminal.result(
@@ -153,7 +166,12 @@ def dev_command(origin_listen: str, edge_listen: str, data_dir: Path) -> None:
             serve_apps(
                 [
                     (
-                        with_worker(create_app(config), worker_context(config, concurrency=1)),
+                        with_worker(
+                            create_app(config),
+                            worker_context(
+                                config, concurrency=config.transcode.concurrency, count=workers
+                            ),
+                        ),
                         host,
                         port,
                     ),

@@ -14,7 +14,8 @@
   a time (default 4) so warming never starves live traffic.
 
 Exit codes: 0 done, 2 bad input, 3 authentication failed, 4 origin or edge failed or
-unreachable (for ``warm``: any URL failed to warm).
+unreachable (for ``warm``: any URL failed to warm), 5 (``purge``) published, but no live edge
+applied it or some live edge had not applied it within ``--wait``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from origin.client import (
     default_origin_url,
 )
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_AUTH, EXIT_SERVER = 0, 2, 3, 4
+EXIT_OK, EXIT_BAD_INPUT, EXIT_AUTH, EXIT_SERVER, EXIT_NOT_APPLIED = 0, 2, 3, 4, 5
 LEADING_SEGMENTS = 3
 READ_CHUNK_BYTES = 256 * 1024
 
@@ -72,7 +73,10 @@ def purge_summary(answer: dict[str, Any]) -> list[str]:
     what = "soft purge" if answer.get("soft") else "purge"
     lines = [f"published {count} {what}{'s' if count != 1 else ''}"]
     if live == 0:
-        lines.append("no edge is live: each edge applies it when it next reads the stream")
+        lines.append(
+            "NOT APPLIED: no edge is following the purge stream (start edges with --redis or "
+            "a config; each edge applies it when it next reads the stream)"
+        )
         return lines
     slowest = answer.get("slowest_ms")
     timing = f"; slowest edge took {slowest:.0f} ms" if slowest is not None else ""
@@ -109,8 +113,9 @@ def purge_command(
 ) -> None:
     """Purge URLs, prefixes or cache tags from every edge.
 
-    Exit codes: 0 published, 2 bad input, 3 authentication failed, 4 origin failed, unreachable
-    or without Redis.
+    Exit codes: 0 applied by every live edge, 2 bad input, 3 authentication failed, 4 origin
+    failed, unreachable or without Redis, 5 published but no live edge applied it, or some
+    live edge had not within --wait.
     """
     terminal = Terminal(json_output=json_output)
     if not (urls or prefixes or tags):
@@ -136,9 +141,14 @@ def purge_command(
         sys.exit(exc.exit_code)
     if json_output:
         terminal.emit_json(answer)
-        return
-    for line in purge_summary(answer):
-        terminal.result(line)
+    else:
+        lines = purge_summary(answer)
+        for line in lines[:1]:
+            terminal.result(line)
+        for line in lines[1:]:
+            (terminal.result if answer["complete"] else terminal.error)(line)
+    if not answer["complete"]:
+        sys.exit(EXIT_NOT_APPLIED)
 
 
 # ---- warm: planning (pure) ---------------------------------------------------------------------

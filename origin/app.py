@@ -13,6 +13,7 @@ Routes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import re
@@ -26,7 +27,6 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from aiohttp import web
-from saq import Queue
 
 from cdn_config import KshipraConfig
 from origin.blobstore import BlobStore, StorageError, open_blob_store
@@ -59,6 +59,7 @@ from origin.errors import (
     Unauthorized,
 )
 from origin.ingest import Ingest, PublishResult, check_kind, check_tags, session_view
+from origin.invalidation import PURGE_SEEN_HEADER, CacheInvalidator
 from origin.notifications import (
     BUCKET_EVENTS,
     NOTIFICATIONS,
@@ -69,10 +70,11 @@ from origin.notifications import (
 )
 from origin.purge import PURGE_PATH, make_purge_handler
 from transcode.jobs import (
+    PURGE_STREAM,
     JobLimits,
+    TranscodeQueues,
     TranscodeSubmitter,
     job_key,
-    make_queue,
     pipeline_settings,
     profile_id,
     progress_of,
@@ -85,7 +87,7 @@ STORE = web.AppKey("store", BlobStore)
 REDIS = web.AppKey("redis", aioredis.Redis)
 CATALOGUE = web.AppKey("catalogue", Catalogue)
 INGEST = web.AppKey("ingest", Ingest)
-QUEUE = web.AppKey("queue", Queue)
+QUEUE = web.AppKey("queue", TranscodeQueues)
 RULES = web.AppKey("rules", RuleMatcher)
 
 STREAM_CHUNK_BYTES = 256 * 1024
@@ -484,6 +486,9 @@ class ContentCache:
         mutable_ttl_s: float = 1.0,
     ) -> None:
         self._deliveries: dict[str, Delivery] = {}
+        self.generation = 0
+        """Bumped by :meth:`invalidate`; a delivery resolved under an older generation is
+        not remembered (see :mod:`origin.invalidation`)."""
         self._bodies: OrderedDict[str, bytes] = OrderedDict()
         self._body_bytes = 0
         self.max_body_bytes = max_body_bytes
@@ -496,7 +501,19 @@ class ContentCache:
             return None
         return found
 
-    def remember(self, path: str, delivery: Delivery) -> None:
+    def invalidate(self, kind: str | None, asset_id: str | None) -> None:
+        """Forget every delivery of one asset, or every mutable one when *asset_id* is
+        ``None`` (immutable versioned URLs cannot change without their asset's own tag)."""
+        self.generation += 1
+        if asset_id is None:
+            self._deliveries = {p: d for p, d in self._deliveries.items() if d.immutable}
+            return
+        prefix = f"/content/{kind}s/{asset_id}/"
+        self._deliveries = {p: d for p, d in self._deliveries.items() if not p.startswith(prefix)}
+
+    def remember(self, path: str, delivery: Delivery, generation: int) -> None:
+        if generation != self.generation:
+            return
         if len(self._deliveries) >= 100_000:
             self._deliveries.clear()
         self._deliveries[path] = delivery
@@ -518,14 +535,21 @@ class ContentCache:
 
 
 CONTENT_CACHE = web.AppKey("content_cache", ContentCache)
+INVALIDATOR = web.AppKey("invalidator", CacheInvalidator)
 
 
 async def _delivery_for(request: web.Request) -> Delivery:
     cache = request.app[CONTENT_CACHE]
+    invalidator = request.app.get(INVALIDATOR)
+    seen = request.headers.get(PURGE_SEEN_HEADER)
+    if invalidator is not None and invalidator.behind(seen):
+        assert seen is not None
+        await invalidator.catch_up_to(seen)
     now = time.monotonic()
     found = cache.delivery(request.path, now)
     if found is not None:
         return found
+    generation = cache.generation
     manifest, rendition, version_number, immutable = await _resolve(request)
     version = manifest.version(version_number)
     assert version is not None
@@ -560,7 +584,7 @@ async def _delivery_for(request: web.Request) -> Delivery:
         and rendition.key == version.renditions.get(BUNDLE_IDENTITY, rendition).key
     ):
         delivery = _bundle_negotiation(manifest, version, plan)
-    cache.remember(request.path, delivery)
+    cache.remember(request.path, delivery, generation)
     return delivery
 
 
@@ -737,11 +761,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     app[REDIS] = redis_client
     app[CATALOGUE] = Catalogue(store)
-    queue = make_queue(config.redis.url)
+    queue = TranscodeQueues(config.redis.url)
     await queue.connect()
     app[QUEUE] = queue
     submitter = TranscodeSubmitter(
-        queue=queue,
+        queues=queue,
         redis=redis_client,
         store=store,
         catalogue=app[CATALOGUE],
@@ -773,7 +797,30 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     notifications = start_notifications(config, events)
     if notifications is not None:
         app[NOTIFICATIONS] = notifications
+    # ---- the origin's caches follow the purge stream (origin/invalidation.py) ----
+    follower_redis = aioredis.Redis.from_url(config.redis.url, decode_responses=True)
+    catalogue, content_cache = app[CATALOGUE], app[CONTENT_CACHE]
+
+    def invalidate(kind: str | None, asset_id: str | None) -> None:
+        catalogue.invalidate(asset_id)
+        content_cache.invalidate(kind, asset_id)
+
+    invalidator = CacheInvalidator(follower_redis, PURGE_STREAM, invalidate)
+    try:
+        await invalidator.start_position()
+    except (aioredis.RedisError, OSError) as exc:
+        log.warning(
+            "origin: cannot read %s yet (%s); following it when Redis is up", PURGE_STREAM, exc
+        )
+    app[INVALIDATOR] = invalidator
+    stop_following = asyncio.Event()
+    following = asyncio.create_task(invalidator.run(stop_following))
     yield
+    stop_following.set()
+    following.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await following
+    await follower_redis.aclose()
     if notifications is not None:
         await notifications.stop()
     # ---- end of notifications ----

@@ -203,11 +203,23 @@ class Catalogue:
         self._store = store
         self._cache_ttl_s = cache_ttl_s
         self._cache: dict[str, tuple[float, Manifest | None]] = {}
+        self._generation = 0
+        """Bumped by :meth:`invalidate`: a read that began before is not remembered."""
+
+    def invalidate(self, asset_id: str | None = None) -> None:
+        """Forget the cached manifest of *asset_id* (every manifest when ``None``); a read in
+        flight is answered but not cached (see :mod:`origin.invalidation`)."""
+        self._generation += 1
+        if asset_id is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(asset_id, None)
 
     async def get(self, asset_id: str, *, fresh: bool = False) -> Manifest | None:
         """The manifest, or ``None`` if the asset does not exist. ``fresh`` bypasses the cache
         (writers read fresh)."""
         now = time.monotonic()
+        generation = self._generation
         cached = self._cache.get(asset_id)
         if not fresh and cached is not None and now - cached[0] < self._cache_ttl_s:
             return cached[1]
@@ -221,6 +233,8 @@ class Catalogue:
                 manifest = Manifest.model_validate_json(raw)
             except ValidationError as exc:
                 raise RuntimeError(f"manifest of {asset_id!r} is corrupt: {exc}") from exc
+        if generation != self._generation:
+            return manifest
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[asset_id] = (now, manifest)

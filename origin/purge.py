@@ -160,7 +160,9 @@ class AckTally:
 
     @property
     def complete(self) -> bool:
-        return not self.edges_pending
+        """Every live edge applied it, and there was at least one: a purge nobody applied
+        is never reported complete."""
+        return self.edges_live > 0 and not self.edges_pending
 
 
 def tally(live: Sequence[str], acks: Sequence[Mapping[str, str]]) -> AckTally:

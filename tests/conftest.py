@@ -71,7 +71,7 @@ def make_config(storage: str, redis_url: str, **origin: Any) -> KshipraConfig:
 def origin_with_worker(config: KshipraConfig) -> web.Application:
     """The origin application with a real transcode worker running beside it."""
     app = create_app(config)
-    app.cleanup_ctx.append(worker_context(config, concurrency=1))
+    app.cleanup_ctx.append(worker_context(config, concurrency=config.transcode.concurrency))
     return app
 
 

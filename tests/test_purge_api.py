@@ -211,7 +211,7 @@ async def test_each_target_is_one_stream_entry(
         assert before <= float(fields["requested_at"]) <= time.time()
     assert len({fields["id"] for _, fields in entries}) == 1
     assert answer["edges_live"] == 0
-    assert answer["complete"] is True
+    assert answer["complete"] is False  # nobody applied it: never "complete"
     assert answer["slowest_ms"] is None
 
 
@@ -278,7 +278,7 @@ def test_tally_counts_only_edges_that_applied_every_entry() -> None:
     result = tally(["a", "b"], acks)
     assert (result.edges_live, result.edges_applied, result.edges_pending) == (2, 1, ("b",))
     assert result.slowest_ms == 30.0
-    assert tally([], acks).complete
+    assert not tally([], acks).complete
     assert tally(["a"], []).edges_applied == 1
     assert tally(["a"], [{}]).slowest_ms is None
 
@@ -364,6 +364,23 @@ async def test_purge_command_json_and_human_output(
     assert "slowest edge took" in out
 
 
+async def test_a_purge_no_edge_applied_exits_non_zero_and_says_so(
+    purge_origin: Client, sync_redis: redis.Redis
+) -> None:
+    code, out, err = await kshipra(
+        "purge", "--tag", "image:x", "--wait", "0", "--origin", base_url(purge_origin)
+    )
+    assert code == 5, (out, err)
+    assert "published 1 purge" in out
+    assert "NOT APPLIED: no edge is following the purge stream" in err
+    assert "complete" not in out + err
+    code, out, _ = await kshipra(
+        "purge", "--tag", "image:x", "--wait", "0", "--json", "--origin", base_url(purge_origin)
+    )
+    assert code == 5
+    assert json.loads(out)["complete"] is False
+
+
 async def test_purge_command_exit_codes(
     purge_origin: Client, origin_without_redis: Client, sync_redis: redis.Redis
 ) -> None:
@@ -385,8 +402,8 @@ async def test_purge_command_exit_codes(
 
 
 def test_purge_summary_table() -> None:
-    nobody = {"purges": [{}], "edges_live": 0, "edges_applied": 0, "complete": True}
-    assert purge_summary(nobody)[1].startswith("no edge is live")
+    nobody = {"purges": [{}], "edges_live": 0, "edges_applied": 0, "complete": False}
+    assert purge_summary(nobody)[1].startswith("NOT APPLIED: no edge is following")
     partial = {
         "purges": [{}, {}],
         "soft": True,

@@ -43,6 +43,8 @@ from transcode.base import Outputs, PermanentFault
 log = logging.getLogger(__name__)
 
 QUEUE_NAME = "kshipra-transcode"
+"""The prefix of the queues' names: one queue per kind, ``kshipra-transcode-{kind}``."""
+JOB_KINDS = ("bundle", "image", "lecture")
 WAITERS_PREFIX = "kshipra:waiters:"
 PROGRESS_PREFIX = "kshipra:progress:"
 PURGE_STREAM = "kshipra:purges"
@@ -55,8 +57,60 @@ PIPELINE_VERSION = "1"
 Pipeline = Callable[[str, Path, Path, dict[str, Any], Callable[[str, float], None]], Outputs]
 
 
-def make_queue(redis_url: str) -> Queue:
-    return Queue.from_url(redis_url, name=QUEUE_NAME)
+def make_queue(redis_url: str, kind: str) -> Queue:
+    if kind not in JOB_KINDS:
+        raise ValueError(f"no transcode queue for kind {kind!r}")
+    return Queue.from_url(redis_url, name=f"{QUEUE_NAME}-{kind}")
+
+
+class TranscodeQueues:
+    """One saq queue per kind, so no small job waits behind a long one.
+
+    A FIFO queue shared by every kind put a 2.4 MB question bank behind a 10-minute lecture
+    for half an hour (its ladder takes about 3 CPU-seconds per second of video). With a queue
+    per kind, a worker runs each kind with its own concurrency (``transcode.concurrency``),
+    so bundles and images start at once whatever lectures are doing; lecture encodes also run
+    at a lower CPU priority (:data:`transcode.hls.FFMPEG_NICENESS`), so a bundle's Brotli pass
+    is not slowed by the ffmpeg beside it.
+    """
+
+    def __init__(self, redis_url: str, kinds: tuple[str, ...] = JOB_KINDS) -> None:
+        self.by_kind = {kind: make_queue(redis_url, kind) for kind in kinds}
+
+    async def connect(self) -> None:
+        for queue in self.by_kind.values():
+            await queue.connect()
+
+    async def disconnect(self) -> None:
+        for queue in self.by_kind.values():
+            await queue.disconnect()
+
+    def for_key(self, key: str) -> Queue:
+        """The queue of a job key (``{kind}:{hash}:{profile}``)."""
+        return self.by_kind[key.split(":", 1)[0]]
+
+    async def enqueue(self, kind: str, **kwargs: Any) -> Any:
+        return await self.by_kind[kind].enqueue("transcode", kind=kind, **kwargs)
+
+    async def job(self, key: str) -> Any:
+        try:
+            queue = self.for_key(key)
+        except KeyError:
+            return None
+        return await queue.job(key)
+
+    async def info(self, *, jobs: bool = False, limit: int = 10) -> dict[str, Any]:
+        """saq's ``Queue.info`` summed over the kinds' queues; each job names its kind."""
+        merged: dict[str, Any] = {"queued": 0, "active": 0, "scheduled": 0, "workers": {}}
+        merged["jobs"] = []
+        for kind, queue in self.by_kind.items():
+            info: Any = await queue.info(jobs=jobs, limit=limit)
+            for field in ("queued", "active", "scheduled"):
+                merged[field] += int(info.get(field) or 0)
+            merged["workers"].update(info.get("workers") or {})
+            merged["jobs"].extend({**job, "queue": kind} for job in info.get("jobs") or [])
+        merged["jobs"] = merged["jobs"][:limit]
+        return merged
 
 
 def profile_id(kind: str, settings: dict[str, Any]) -> str:
@@ -106,14 +160,14 @@ class TranscodeSubmitter:
     def __init__(
         self,
         *,
-        queue: Queue,
+        queues: TranscodeQueues,
         redis: aioredis.Redis,
         store: BlobStore,
         catalogue: Catalogue,
         config: KshipraConfig,
         limits: JobLimits,
     ) -> None:
-        self._queue = queue
+        self._queues = queues
         self._redis = redis
         self._store = store
         self._catalogue = catalogue
@@ -131,15 +185,14 @@ class TranscodeSubmitter:
         if await self._store.head(outputs_prefix(profile, content_hash) + "outputs.json"):
             await publisher.publish_waiters(key, profile, content_hash)
             return
-        job = await self._queue.enqueue(
-            "transcode",
+        job = await self._queues.enqueue(
+            manifest.kind,
             key=key,
             timeout=self._limits.timeout_s,
             heartbeat=self._limits.heartbeat_s,
             retries=self._limits.retries,
             retry_delay=self._limits.retry_delay_s,
             retry_backoff=True,
-            kind=manifest.kind,
             content_hash=content_hash,
             profile=profile,
             source_key=version.source.key,
@@ -482,10 +535,12 @@ async def progress_of(redis: aioredis.Redis, key: str) -> dict[str, Any] | None:
 
 
 __all__ = [
+    "JOB_KINDS",
     "PURGE_STREAM",
     "QUEUE_NAME",
     "JobLimits",
     "Publisher",
+    "TranscodeQueues",
     "TranscodeSubmitter",
     "WorkerEnv",
     "make_queue",
