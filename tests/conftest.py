@@ -216,6 +216,20 @@ def wait_for_http(url: str, *, process: subprocess.Popen[bytes], timeout_s: floa
     raise TimeoutError(f"{url} did not come up in {timeout_s} s")
 
 
+def eventually(probe: Any, *, timeout_s: float, what: str, interval_s: float = 0.02) -> Any:
+    """Call *probe* until it returns something truthy (returned) or *timeout_s* passes (then
+    :class:`TimeoutError` naming *what*). A polling probe with a deadline, for state another
+    process changes; not a sleep standing in for synchronisation."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout_s} s")
+        time.sleep(interval_s)
+
+
 @dataclass
 class OriginProcess:
     url: str

@@ -1,0 +1,263 @@
+"""The publish loop from outside, with real processes: a new version reaches every edge behind a
+shield at once, nothing one hop up undoes the purge, `kshipra dev`'s edge follows purges, and a
+question bank does not wait behind a lecture."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    UPLOAD_TOKEN,
+    OriginProcess,
+    bundle_bytes,
+    child_env,
+    eventually,
+    free_port,
+    kshipra_argv,
+    start_origin_process,
+    start_worker_process,
+    stop_process,
+    wait_for_http,
+)
+from tests.test_dev import read_until
+from tests.test_worker import make_clip
+
+
+def api(url: str, *, method: str = "GET", body: bytes | None = None) -> Any:
+    request = urllib.request.Request(
+        url, data=body, method=method, headers={"Authorization": f"Bearer {UPLOAD_TOKEN}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def fetch(url: str) -> tuple[dict[str, Any], str]:
+    """(the JSON body, Cache-Status) of a GET."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read()), response.headers.get("Cache-Status", "")
+
+
+def first_stem(document: dict[str, Any]) -> str:
+    stem = document["questions"][0]["stem"]
+    return str(stem["en"] if isinstance(stem, dict) else stem)
+
+
+def published_version(origin: str, asset_id: str, number: int) -> bool:
+    shown = api(f"{origin}/v1/assets/{asset_id}")
+    assert shown["status"] != "failed", shown
+    return bool(shown["status"] == "published" and shown["version"] == number)
+
+
+class Poller:
+    """Keeps asking the origin for one URL, as busy edges elsewhere would: the origin's
+    in-process caches stay warm with whatever version it last read."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.requests = 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):  # the request rate of the load, not a wait for state
+            try:
+                with urllib.request.urlopen(self._url, timeout=5) as response:
+                    response.read()
+                self.requests += 1
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+
+    def __enter__(self) -> Poller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in reversed(started):
+        stop_process(process)
+
+
+def start_edge(
+    started: list[subprocess.Popen[bytes]], log_path: Path, *args: str
+) -> tuple[str, subprocess.Popen[bytes]]:
+    port = free_port()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            kshipra_argv("edge", "--listen", f"127.0.0.1:{port}", *args),
+            env=child_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    started.append(process)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(url + "/readyz", process=process)
+    return url, process
+
+
+def test_a_publish_reaches_every_edge_behind_a_shield_and_stays(
+    tmp_path: Path, valkey_url: str, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    storage = str(tmp_path / "storage")
+    origin = start_origin_process(storage, valkey_url, tmp_path / "origin.log")
+    processes.append(origin.process)
+    processes.append(start_worker_process(storage, valkey_url, tmp_path / "worker.log"))
+    shield, _ = start_edge(
+        processes,
+        tmp_path / "shield.log",
+        "--upstream", origin.url, "--name", "loop-shield", "--redis", valkey_url,
+        "--disk-dir", str(tmp_path / "shield-cache"),
+    )  # fmt: skip
+    edges = [
+        start_edge(
+            processes,
+            tmp_path / f"edge-{n}.log",
+            "--upstream", shield, "--name", f"loop-edge-{n}", "--redis", valkey_url,
+        )[0]
+        for n in range(2)
+    ]  # fmt: skip
+    for url in [shield, *edges]:
+        assert api(url + "/readyz")["purges"] == "following"
+    latest = "/content/bundles/loop-bank/latest.json"
+    api(f"{origin.url}/v1/assets?id=loop-bank&kind=bundle", method="POST", body=bundle_bytes())
+    eventually(
+        lambda: published_version(origin.url, "loop-bank", 1), timeout_s=60, what="v1 published"
+    )
+    for edge in edges:
+        fetch(edge + latest)
+        document, status = fetch(edge + latest)
+        assert status.endswith("; hit; ttl=59") or "; hit;" in status.rsplit(",", 1)[-1], status
+        assert first_stem(document) == "Question 0 a"
+    with Poller(origin.url + latest) as poller:
+        eventually(lambda: poller.requests > 5, timeout_s=10, what="the origin answering load")
+        api(
+            f"{origin.url}/v1/assets?id=loop-bank&kind=bundle",
+            method="POST",
+            body=bundle_bytes(version="b"),
+        )
+        eventually(
+            lambda: published_version(origin.url, "loop-bank", 2),
+            timeout_s=60,
+            what="v2 published",
+        )
+        # Far under the TTL (60 s) that an undone purge would cost, and under the origin's
+        # own cache lifetime (1 s) plus the time the edges need to see the purge.
+        for edge in edges:
+            eventually(
+                lambda edge=edge: first_stem(fetch(edge + latest)[0]) == "Question 0 b",
+                timeout_s=5,
+                what=f"{edge} serving v2",
+            )
+        # ... and it stays: no hop re-freshened the old object with a 304.
+        for _ in range(3):
+            for edge in [shield, *edges]:
+                assert first_stem(fetch(edge + latest)[0]) == "Question 0 b", edge
+
+
+def sample_v2(path: Path) -> Path:
+    sample = Path(__file__).parent.parent / "kshipra" / "samples"
+    document = json.loads((sample / "neet-chemistry-mole-concept.json").read_text())
+    stem = document["questions"][0]["stem"]
+    if isinstance(stem, dict):
+        stem["en"] = stem.get("en", "") + " (revised)"
+    else:
+        document["questions"][0]["stem"] = stem + " (revised)"
+    path.write_text(json.dumps(document, ensure_ascii=False))
+    return path
+
+
+def run_kshipra(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        kshipra_argv(*args),
+        env=child_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_dev_stack_edge_follows_publishes_and_purges(tmp_path: Path) -> None:
+    port, edge_port = free_port(), free_port()
+    process = subprocess.Popen(
+        kshipra_argv(
+            "dev",
+            "--origin-listen", f"127.0.0.1:{port}",
+            "--edge-listen", f"127.0.0.1:{edge_port}",
+            "--data", str(tmp_path / "dev"),
+        ),
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        lines = read_until(process, "Ctrl-C stops everything")
+        sample = next(line for line in lines if line.startswith("sample")).split()[1]
+        edge = f"http://127.0.0.1:{edge_port}"
+        assert api(edge + "/readyz")["purges"] == "following"
+        fetch(sample)
+        before, status = fetch(sample)
+        assert "hit" in status
+        origin = f"http://127.0.0.1:{port}"
+        upload = run_kshipra(
+            "upload", str(sample_v2(tmp_path / "bank.json")), "--id", "sample-chem-mole",
+            "--kind", "bundle", "--wait", KSHIPRA_ORIGIN_URL=origin,
+        )  # fmt: skip
+        assert upload.returncode == 0, upload.stderr
+        eventually(
+            lambda: first_stem(fetch(sample)[0]).endswith("(revised)"),
+            timeout_s=5,
+            what="the dev edge serving the new version",
+        )
+        assert first_stem(before) != first_stem(fetch(sample)[0])
+        path = sample.removeprefix(edge)
+        purge = run_kshipra("purge", "--url", path, KSHIPRA_ORIGIN_URL=origin)
+        assert purge.returncode == 0, purge.stdout + purge.stderr
+        assert "applied by 1 of 1 live edges" in purge.stdout
+        _, status = fetch(sample)
+        assert "fwd=uri-miss" in status, status
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_a_bundle_is_published_while_a_lecture_transcodes(
+    tmp_path: Path, origin_process: OriginProcess
+) -> None:
+    clip = tmp_path / "long.mp4"
+    make_clip(clip, seconds=40)
+    origin = origin_process.url
+    api(f"{origin}/v1/assets?id=queue-lecture&kind=lecture", method="POST", body=clip.read_bytes())
+    eventually(
+        lambda: api(f"{origin}/v1/jobs")["active"] >= 1,
+        timeout_s=60,
+        what="the lecture job running",
+    )
+    api(f"{origin}/v1/assets?id=queue-bank&kind=bundle", method="POST", body=bundle_bytes())
+    eventually(
+        lambda: published_version(origin, "queue-bank", 1),
+        timeout_s=60,
+        what="the bundle published",
+    )
+    lecture = api(f"{origin}/v1/assets/queue-lecture")
+    assert lecture["status"] == "processing", "the lecture finished first: nothing to show"
