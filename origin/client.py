@@ -75,8 +75,23 @@ class UploadReport:
 
 
 def _message(body: Any, status: int) -> str:
+    """The error's message, then its ``problems`` (a refused bundle's), one per line."""
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return str(body["error"].get("message", status))
+        error = body["error"]
+        message = str(error.get("message", status))
+        problems = error.get("problems")
+        if not isinstance(problems, list):
+            return message
+        lines = [message]
+        for problem in problems:
+            if isinstance(problem, dict):
+                line = f"{problem.get('path', '$')}: {problem.get('message', '')}"
+                if len(problems) > 1 or str(problem.get("message")) not in message:
+                    lines.append(f"  {line}")
+        total = error.get("problems_total")
+        if isinstance(total, int) and total > len(problems):
+            lines.append(f"  ... and {total - len(problems)} more")
+        return "\n".join(lines)
     return f"HTTP {status}"
 
 

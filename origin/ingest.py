@@ -8,15 +8,20 @@ Two ways in, one way out:
   sending only the parts the origin does not hold.
 
 Either way the bytes land under ``staging/…`` while they are checked (kind from the bytes, size
-limit, content hash, JSON validity for bundles); only then are they moved to
-``sources/{hash}`` and the asset's manifest written — the manifest write is what publishes.
+limit, content hash); only then are they moved to ``sources/{hash}`` and the asset's manifest
+written — the manifest write is what publishes.
 Any failure deletes the staged bytes, so nothing half-written stays in storage.
+
+A bundle is checked against the whole schema of :mod:`origin.bundle_schema` (in a thread: up
+to a second of CPU for the largest banks); a bad bank is a 422 listing its first problems with
+their JSON paths, and no job is queued. A single request's bundle is checked in memory before
+anything is stored; a session's when its parts are joined, and the joined object is deleted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import json
 import logging
 import math
 import secrets
@@ -29,6 +34,7 @@ from pydantic import BaseModel, ConfigDict
 
 from cdn_config import UploadLimits
 from origin.blobstore import BlobNotFoundError, BlobStore, PartInfo
+from origin.bundle_schema import BundleRefused, check_bundle_bytes
 from origin.catalogue import (
     AssetLayout,
     Catalogue,
@@ -53,6 +59,8 @@ from origin.sniff import KINDS, SNIFF_BYTES, Kind, Sniffed, sniff
 
 log = logging.getLogger(__name__)
 MAX_TAGS = 32
+MAX_PROBLEMS_SHOWN = 20
+"""Problems listed in a refused bundle's 422 (``problems_total`` counts them all)."""
 SESSION_PREFIX = "kshipra:upload:"
 
 
@@ -63,6 +71,26 @@ def check_kind(kind: str | None) -> Kind | None:
         if kind == known:
             return known
     raise BadRequest("invalid_kind", f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+def bundle_refused(exc: BundleRefused) -> Unprocessable:
+    """A 422 naming the first :data:`MAX_PROBLEMS_SHOWN` problems, each with its JSON path:
+    ``{"error": {"status", "code", "message", "problems": [{"path", "message"}],
+    "problems_total"}}``."""
+    problems = exc.problems
+    total = len(problems)
+    if exc.code == "invalid_json":
+        message = f"invalid bundle: {problems[0].message}"
+    else:
+        noun = "problem" if total == 1 else "problems"
+        shown = f", the first {MAX_PROBLEMS_SHOWN} listed" if total > MAX_PROBLEMS_SHOWN else ""
+        message = f"invalid bundle: {total} {noun}{shown}"
+    return Unprocessable(
+        exc.code,
+        message,
+        problems=[{"path": p.path, "message": p.message} for p in problems[:MAX_PROBLEMS_SHOWN]],
+        problems_total=total,
+    )
 
 
 def check_tags(tags: list[str]) -> list[str]:
@@ -230,11 +258,29 @@ class Ingest:
                 f"a {kind or 'upload'} may be at most {guard.limit_bytes()} bytes; "
                 f"this one is {declared_bytes}",
             )
+        watched = guard.watch(chunks)
+        head: list[bytes] = []
+        if kind in (None, "bundle"):
+            async for chunk in watched:  # until the kind is known (the first 512 bytes)
+                head.append(chunk)
+                if guard.sniffed is not None:
+                    break
         staging_key = AssetLayout.staging_key(secrets.token_hex(16))
-        await self._store.put(staging_key, guard.watch(chunks))
+        checked = guard.sniffed is not None and guard.sniffed.kind == "bundle"
+        if checked:
+            # A bundle (at most the bundle limit) is checked in memory: a bad bank is refused
+            # before any byte of it is stored.
+            head.extend([chunk async for chunk in watched])
+            data = b"".join(head)
+            head.clear()
+            await self._check_bundle(data)
+            await self._store.put(staging_key, data)
+        else:
+            await self._store.put(staging_key, _chain(head, watched))
         assert guard.sniffed is not None
         return await self._publish_staged(
             staging_key,
+            checked=checked,
             sniffed=guard.sniffed,
             content_hash=hasher.hexdigest(),
             size_bytes=guard.size_bytes,
@@ -245,25 +291,26 @@ class Ingest:
 
     # ---- publishing -----------------------------------------------------------------------
 
-    async def _validate_bundle(self, staging_key: str) -> None:
-        reader = await self._store.get(staging_key)
-        raw = await reader.read_all()
+    async def _check_bundle(self, data: bytes) -> None:
+        """The bundle schema (:mod:`origin.bundle_schema`); :class:`Unprocessable` with the
+        first problems, each with its JSON path."""
         try:
-            document = json.loads(raw.decode("utf-8-sig"))
-        except UnicodeDecodeError as exc:
-            raise Unprocessable("invalid_json", f"a bundle must be UTF-8 JSON: {exc}") from None
-        except json.JSONDecodeError as exc:
-            raise Unprocessable(
-                "invalid_json",
-                f"a bundle must be valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-            ) from None
-        if not isinstance(document, dict | list):
-            raise Unprocessable("invalid_json", "a bundle must be a JSON object or array")
+            # Up to a second of CPU for the largest banks: off the event loop.
+            await asyncio.to_thread(check_bundle_bytes, data)
+        except BundleRefused as exc:
+            raise bundle_refused(exc) from None
+
+    async def _validate_bundle(self, key: str) -> None:
+        """:meth:`_check_bundle` on the bytes stored at ``key``."""
+        reader = await self._store.get(key)
+        await self._check_bundle(await reader.read_all())
 
     async def _publish_staged(
         self,
         staging_key: str,
         *,
+        bytes_key: str | None = None,
+        checked: bool = False,
         sniffed: Sniffed,
         content_hash: str,
         size_bytes: int,
@@ -273,9 +320,9 @@ class Ingest:
     ) -> PublishResult:
         at_source = staging_key == AssetLayout.source_key(content_hash)
         try:
-            if sniffed.kind == "bundle":
+            if sniffed.kind == "bundle" and not checked:
                 try:
-                    await self._validate_bundle(staging_key)
+                    await self._validate_bundle(bytes_key or staging_key)
                 except Unprocessable:
                     if at_source:  # invalid bytes: nothing can reference them
                         await self._store.delete(staging_key)
@@ -401,6 +448,7 @@ class Ingest:
         staging_key = AssetLayout.staging_key(secrets.token_hex(16))
         return await self._publish_staged(
             staging_key,
+            bytes_key=source.key,
             sniffed=sniffed,
             content_hash=content_hash,
             size_bytes=source.size_bytes,
@@ -674,6 +722,13 @@ class Ingest:
                 await self._store.delete(info.key)
                 removed += 1
         return removed
+
+
+async def _chain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in head:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
 
 
 def session_view(session: SessionRecord, received: list[int]) -> dict[str, Any]:

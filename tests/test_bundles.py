@@ -8,6 +8,8 @@ import gzip
 import hashlib
 import json
 import random
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import brotli
 import pytest
 import zstandard
 
+from origin import bundle_schema, catalogue
 from transcode.base import PermanentFault
 from transcode.bundles import (
     DCZ_MAGIC,
@@ -166,14 +169,27 @@ def _many_problems(document: dict[str, Any]) -> dict[str, Any]:
 
 
 SCHEMA_CASES: list[tuple[str, Mutation, str]] = [
-    ("missing hi", _set("questions.0.stem.hi", ...), "questions[0].stem.hi: required"),
+    ("missing stem", _set("questions.0.stem", ...), "$.questions[0].stem: required"),
+    (
+        "empty language map",
+        _set("questions.0.stem", {}),
+        "$.questions[0].stem: at least 1 language",
+    ),
     (
         "answer out of range",
         _both(_set("questions.1.options", FOUR_OPTIONS), _set("questions.1.answer", 4)),
-        "questions[1].answer: 4 is out of range for 4 options (0 to 3)",
+        "$.questions[1].answer: 4 is out of range for 4 options (0 to 3)",
     ),
-    ("negative answer", _set("questions.1.answer", -1), "questions[1].answer: must be at least 0"),
-    ("duplicate ids", _duplicate_id, "questions[2].id: duplicate id 'phy-00000', as questions[0]"),
+    (
+        "negative answer",
+        _set("questions.1.answer", -1),
+        "$.questions[1].answer: must be at least 0",
+    ),
+    (
+        "duplicate ids",
+        _duplicate_id,
+        "$.questions[2].id: duplicate id 'phy-00000', as $.questions[0]",
+    ),
     (
         "too few options",
         _set("questions.3.options", [{"en": "yes", "hi": "हाँ"}]),
@@ -191,28 +207,46 @@ SCHEMA_CASES: list[tuple[str, Mutation, str]] = [
     ),
     ("answer as bool", _set("questions.0.answer", True), "questions[0].answer: must be an integer"),
     ("answer as float", _set("questions.0.answer", 1.0), "questions[0].answer: must be an integer"),
-    ("number for text", _set("questions.0.stem.en", 5), "questions[0].stem.en: must be a string"),
-    ("text for object", _set("questions.0.stem", "why?"), "questions[0].stem: must be an object"),
+    ("number for text", _set("questions.0.stem.en", 5), "$.questions[0].stem.en: must be a string"),
+    (
+        "number for a text",
+        _set("questions.0.stem", 5),
+        "$.questions[0].stem: must be a string or an object of language code to text",
+    ),
+    (
+        "list for a text",
+        _set("questions.0.explanation", ["why?"]),
+        "$.questions[0].explanation: must be a string or an object of language code to text",
+    ),
     ("object for array", _set("questions.0.options", {}), "questions[0].options: must be an array"),
     ("questions not array", _set("questions", "none"), "questions: must be an array"),
     ("no questions", _set("questions", []), "questions: at least 1 question"),
     ("missing title", _set("bundle", ...), "bundle: required"),
     ("blank text", _set("questions.0.explanation.hi", "  \n"), "must not be empty or blank"),
     ("empty text", _set("questions.0.options.1.en", ""), "questions[0].options[1].en: must not"),
-    ("unknown field", _set("questions.0.difficulty", 3), "questions[0].difficulty: unknown field"),
+    (
+        "bad language code",
+        _set("questions.0.stem.EN", "Why?"),
+        "$.questions[0].stem.EN: not a language code",
+    ),
+    (
+        "bad image",
+        _set("questions.0.image", "ftp://example.org/fig.png"),
+        "$.questions[0].image: must be an http(s) URL or a catalogue asset id",
+    ),
     (
         "text too long",
         _set("questions.0.stem.hi", "क" * 3414),  # 10,242 bytes in UTF-8
-        "questions[0].stem.hi: longer than 10240 bytes in UTF-8 (10242)",
+        "$.questions[0].stem.hi: longer than 10240 bytes in UTF-8 (10242)",
     ),
-    ("bad id", _set("questions.0.id", "q 1"), "questions[0].id: must be 1 to 64 ASCII"),
-    ("id not a string", _set("questions.0.id", 7), "questions[0].id: must be a string"),
+    ("bad id", _set("questions.0.id", "q 1"), "$.questions[0].id: must be 1 to 64 ASCII"),
+    ("id not a string", _set("questions.0.id", 7), "$.questions[0].id: must be a string"),
     ("not an object: array", lambda d: [d], "$: must be a JSON object"),
     ("not an object: string", lambda d: "bundle", "$: must be a JSON object"),
     (
         "many problems",
         _many_problems,
-        "questions[4].answer: must be an integer (and 5 more)",
+        "$.questions[4].answer: must be an integer (and 5 more)",
     ),
 ]
 
@@ -235,11 +269,203 @@ def test_schema_errors_name_their_json_path(
 def test_problems_are_listed_in_full_on_the_exception() -> None:
     document = make_bundle(10)
     for q in document["questions"]:
-        del q["stem"]["hi"]
+        del q["stem"]
     with pytest.raises(BundleInvalid) as caught:
         validate_bundle(document)
-    assert caught.value.problems == [(f"questions[{i}].stem.hi", "required") for i in range(10)]
-    assert str(caught.value).startswith("invalid bundle, 10 problems: questions[0].stem.hi")
+    assert caught.value.problems == [(f"$.questions[{i}].stem", "required") for i in range(10)]
+    assert str(caught.value).startswith("invalid bundle, 10 problems: $.questions[0].stem")
+
+
+# ---- the schema for real banks: text forms, languages, images, passthrough --------------------
+
+SAMPLE = Path(__file__).resolve().parent.parent / "kshipra" / "samples"
+
+
+def one_question(**fields: Any) -> dict[str, Any]:
+    """A one-question bank with English-only plain strings; ``fields`` override the question."""
+    question = {
+        "id": "q1",
+        "subject": "Chemistry",
+        "chapter": "Mole concept",
+        "stem": "How many moles of O atoms are in 0.5 mol of CaCO3?",
+        "options": ["0.5", "1.0", "1.5", "3.0"],
+        "answer": 2,
+        "explanation": "Three O atoms each: 0.5 x 3 = 1.5.",
+    }
+    question.update(fields)
+    return {"bundle": "Mole concept", "questions": [question]}
+
+
+def published_question(document: dict[str, Any]) -> dict[str, Any]:
+    """The question as the canonical (published) bytes hold it."""
+    canonical = json.loads(canonical_bytes(validate_bundle(document), 1))
+    question: dict[str, Any] = canonical["questions"][0]
+    return question
+
+
+ACCEPTED: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    # (name, fields of the question, what the published question holds)
+    ("plain strings", {}, {"stem": "How many moles of O atoms are in 0.5 mol of CaCO3?"}),
+    ("english only", {"stem": {"en": "Why?"}}, {"stem": {"en": "Why?"}}),
+    ("hindi only", {"stem": {"hi": "क्यों?"}}, {"stem": {"hi": "क्यों?"}}),
+    ("tamil", {"stem": {"ta": "ஏன்?"}}, {"stem": {"ta": "ஏன்?"}}),
+    (
+        "several languages and a script",
+        {"stem": {"en": "Why?", "hi": "क्यों?", "hi-latn": "Kyon?", "bn": "কেন?", "ur": "کیوں؟"}},
+        {"stem": {"bn": "কেন?", "en": "Why?", "hi": "क्यों?", "hi-latn": "Kyon?", "ur": "کیوں؟"}},
+    ),
+    ("region", {"explanation": {"en-in": "Because."}}, {"explanation": {"en-in": "Because."}}),
+    (
+        "options in any form",
+        {"options": ["0.5", {"en": "1.0", "hi": "1.0"}, {"text": "1.5"}, {"image": "fig-3"}]},
+        {"options": ["0.5", {"en": "1.0", "hi": "1.0"}, {"text": "1.5"}, {"image": "fig-3"}]},
+    ),
+    (
+        "image URL on the question",
+        {"image": "https://cdn.example.org/diagrams/q1.png?w=640"},
+        {"image": "https://cdn.example.org/diagrams/q1.png?w=640"},
+    ),
+    (
+        "catalogue id on the question",
+        {"image": "chem-mole-fig-1.v2"},
+        {"image": "chem-mole-fig-1.v2"},
+    ),
+    (
+        "option with text and image",
+        {"options": [{"text": {"en": "A"}, "image": "http://example.org/a.png"}, "B"], "answer": 0},
+        {"options": [{"image": "http://example.org/a.png", "text": {"en": "A"}}, "B"]},
+    ),
+    (
+        "unknown fields are kept",
+        {"difficulty": 3, "year": 2019, "marks": {"correct": 4, "wrong": -1}, "topic": "moles"},
+        {"difficulty": 3, "year": 2019, "marks": {"correct": 4, "wrong": -1}, "topic": "moles"},
+    ),
+    (
+        "unknown fields on an option object are kept",
+        {"options": [{"text": "A", "label": "(a)"}, "B"], "answer": 1},
+        {"options": [{"label": "(a)", "text": "A"}, "B"]},
+    ),
+    (
+        "passthrough strings are NFC-normalised",
+        {"source": ["Cafe\u0301", {"note": "e\u0301"}]},
+        {"source": ["Caf\u00e9", {"note": "\u00e9"}]},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"), [pytest.param(f, e, id=name) for name, f, e in ACCEPTED]
+)
+def test_real_banks_are_accepted_and_published_as_given(
+    fields: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    question = published_question(one_question(**fields))
+    for name, value in expected.items():
+        assert question[name] == value
+    assert set(question) == {*one_question()["questions"][0], *fields}  # nothing added or lost
+
+
+def test_unknown_bundle_fields_are_kept_and_version_is_the_callers() -> None:
+    document = {**one_question(), "exam": "NEET", "year": 2024, "version": 7}
+    canonical = json.loads(canonical_bytes(validate_bundle(document), 2))
+    assert canonical["exam"] == "NEET"
+    assert canonical["year"] == 2024
+    assert canonical["version"] == 2
+    assert "image" not in canonical["questions"][0]
+
+
+REFUSED: list[tuple[str, dict[str, Any], str]] = [
+    # (name, fields of the question, the problem)
+    ("empty map", {"stem": {}}, "$.questions[0].stem: at least 1 language"),
+    ("empty string", {"stem": ""}, "$.questions[0].stem: must not be empty or blank"),
+    ("blank in a map", {"stem": {"en": " "}}, "$.questions[0].stem.en: must not be empty"),
+    ("uppercase code", {"stem": {"EN": "Why?"}}, "$.questions[0].stem.EN: not a language code"),
+    ("a name, not a code", {"stem": {"english": "Why?"}}, ".stem.english: not a language code"),
+    ("underscore", {"stem": {"hi_IN": "क्यों?"}}, "$.questions[0].stem.hi_IN: not a language"),
+    ("script not lowercase", {"stem": {"hi-Latn": "Kyon"}}, "stem['hi-Latn']: not a language"),
+    ("one letter", {"stem": {"e": "Why?"}}, "$.questions[0].stem.e: not a language code"),
+    ("empty code", {"stem": {"": "Why?"}}, "$.questions[0].stem['']: not a language code"),
+    ("number in a map", {"stem": {"en": 5}}, "$.questions[0].stem.en: must be a string"),
+    (
+        "too many languages",
+        {
+            "stem": {f"a{c}": "x" for c in "abcdefghijklmnopqrstuvwxyz"}
+            | {f"b{c}": "x" for c in "abcdefghijklmnopqrstuvwxyz"}
+        },
+        "$.questions[0].stem: at most 32 languages",
+    ),
+    ("ftp image", {"image": "ftp://example.org/a.png"}, "$.questions[0].image: must be an http(s)"),
+    ("script image", {"image": "javascript:alert(1)"}, "$.questions[0].image: must be an http(s)"),
+    ("relative image", {"image": "../fig.png"}, "$.questions[0].image: must be an http(s)"),
+    ("image with a space", {"image": "Fig 1"}, "$.questions[0].image: must be an http(s)"),
+    ("uppercase id", {"image": "Fig-1"}, "$.questions[0].image: must be an http(s)"),
+    ("URL without host", {"image": "https:///a.png"}, "$.questions[0].image: must be an http(s)"),
+    ("URL with a space", {"image": "http://a b/c.png"}, "$.questions[0].image: must be an http(s)"),
+    ("URL bad port", {"image": "http://a:99999/c"}, "$.questions[0].image: must be an http(s)"),
+    ("URL too long", {"image": "https://a.org/" + "x" * 2048}, "$.questions[0].image: must be"),
+    ("image not a string", {"image": 7}, "$.questions[0].image: must be a string"),
+    (
+        "bad option image",
+        {"options": [{"image": "data:image/png;base64,AAAA"}, "B"]},
+        "$.questions[0].options[0].image: must be an http(s) URL",
+    ),
+    (
+        "option object with neither",
+        {"options": [{"text": None}, "B"]},
+        "$.questions[0].options[0]: an option needs 'text' or 'image'",
+    ),
+    (
+        "option of the wrong type",
+        {"options": [1, "B"]},
+        "$.questions[0].options[0]: must be a string or an object of language code to text",
+    ),
+    (
+        "lone surrogate passed through",
+        {"topic": "\ud800"},
+        "$.questions[0].topic: not valid Unicode",
+    ),
+    (
+        "passthrough nested too deeply",
+        {"deep": json.loads("[" * 40 + "]" * 40)},
+        "$.questions[0].deep: nested more than 32 levels",
+    ),
+    (
+        "passthrough keys equal after NFC",
+        {"notes": {"e\u0301": 1, "\u00e9": 2}},
+        "$.questions[0].notes: two keys are the same after Unicode normalisation",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"), [pytest.param(f, e, id=name) for name, f, e in REFUSED]
+)
+def test_what_real_banks_must_not_hold(fields: dict[str, Any], expected: str) -> None:
+    with pytest.raises(BundleInvalid) as caught:
+        validate_bundle(one_question(**fields))
+    assert expected in str(caught.value)
+
+
+def test_the_sample_bundle_validates() -> None:
+    for path in sorted(SAMPLE.glob("*.json")):
+        bundle = validate_bundle(parse_json(path.read_bytes()))
+        assert len(bundle.questions) >= 1, path
+
+
+def test_image_ids_are_the_catalogues_asset_ids() -> None:
+    assert bundle_schema.ASSET_ID_RE.pattern == catalogue.ASSET_ID_RE.pattern
+
+
+def test_the_schema_module_imports_no_servers_or_transcode_code() -> None:
+    code = (
+        "import sys, origin.bundle_schema; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'aiohttp', 'boto3', 'botocore', 'redis', 'saq', 'transcode'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(
@@ -260,7 +486,7 @@ def test_what_is_not_strict_json_is_refused(data: bytes, expected: str) -> None:
 
 def test_lone_surrogate_is_refused() -> None:
     document = parse_json(b'{"bundle": "\\ud800"}')
-    with pytest.raises(BundleInvalid, match="bundle: not valid Unicode"):
+    with pytest.raises(BundleInvalid, match=r"\$\.bundle: not valid Unicode"):
         validate_bundle({**make_bundle(2), "bundle": document["bundle"]})
 
 
@@ -268,8 +494,10 @@ def test_lone_surrogate_is_refused() -> None:
     ("loc", "path"),
     [
         ((), "$"),
-        (("bundle",), "bundle"),
-        (("questions", 3, "options", 1, "hi"), "questions[3].options[1].hi"),
+        (("bundle",), "$.bundle"),
+        (("questions", 3, "options", 1, "hi"), "$.questions[3].options[1].hi"),
+        (("questions", 0, "stem", "hi-latn"), "$.questions[0].stem['hi-latn']"),
+        (("questions", 0, "it's"), "$.questions[0]['it\\'s']"),
     ],
 )
 def test_json_path(loc: tuple[int | str, ...], path: str) -> None:

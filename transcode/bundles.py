@@ -4,12 +4,18 @@ The pipeline, step by step (each a function below):
 
 1. :func:`parse_json` — strict JSON: UTF-8 (a BOM is tolerated), no duplicate keys, no
    ``NaN``/``Infinity``;
-2. :func:`validate_bundle` — the schema (:class:`Bundle`, pydantic, strict types) and the
-   rules a schema cannot say (unique ids, answer within the options); the first few problems
-   are reported with their JSON paths, e.g. ``questions[3].options: at least 2 options``;
+2. :func:`validate_bundle` — the schema, :mod:`origin.bundle_schema` (pydantic, strict types;
+   the origin checks it too, at upload, and answers 422): text as a plain string or a map of
+   language codes (``en``, ``hi``, ``ta``, ``hi-latn`` …) to text, ``image`` references (an
+   http(s) URL or a catalogue asset id), the rules a schema cannot say (unique ids, answer
+   within the options). Fields the schema does not know (``difficulty``, ``year``, ``marks``,
+   ``topic`` …) are kept and published as given. The first few problems are reported with
+   their JSON paths, e.g. ``$.questions[3].options: at least 2 options``;
 3. :func:`canonical_bytes` — one byte sequence per content: sorted keys, compact separators,
-   UTF-8 without ``\\u`` escapes, every string NFC-normalised (done by validation), and the
-   caller's version number as ``"version"``. Questions keep the author's order: order is
+   UTF-8 without ``\\u`` escapes, every string NFC-normalised (done by validation), the
+   fields as the author gave them (known and passed-through; a text keeps its form, string or
+   language map), and the caller's version number as ``"version"``. Questions keep the
+   author's order: order is
    content (the app shows a set in that order, JSON arrays are ordered, RFC 8785 keeps array
    order), and sorting by id would make a deliberate reordering invisible; deltas handle moves;
 4. :func:`encode_br` (Brotli quality 11) and :func:`encode_gzip` (level 9, mtime 0): the stored
@@ -36,17 +42,29 @@ import gzip
 import hashlib
 import json
 import math
-import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Any, Final
 
 import brotli
 import zstandard
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
-from pydantic_core import ErrorDetails, PydanticCustomError
 
+from origin import bundle_schema
+from origin.bundle_schema import (
+    MAX_OPTIONS,
+    MAX_QUESTIONS,
+    MAX_REPORTED_PROBLEMS,
+    MAX_TEXT_BYTES,
+    MIN_OPTIONS,
+    Bundle,
+    NotStrictJson,
+    Problem,
+    Question,
+    SchemaProblems,
+    json_path,
+    summary,
+)
 from transcode.base import (
     OutputFile,
     Outputs,
@@ -56,12 +74,29 @@ from transcode.base import (
     no_progress,
 )
 
-MAX_QUESTIONS: Final = 20_000
-MAX_TEXT_BYTES: Final = 10 * 1024
-"""Longest string, in UTF-8 bytes (Devanagari takes three bytes a character)."""
-MIN_OPTIONS: Final = 2
-MAX_OPTIONS: Final = 6
-MAX_REPORTED_PROBLEMS: Final = 5
+__all__ = [
+    "MAX_OPTIONS",
+    "MAX_QUESTIONS",
+    "MAX_REPORTED_PROBLEMS",
+    "MAX_TEXT_BYTES",
+    "MIN_OPTIONS",
+    "Bundle",
+    "BundleInvalid",
+    "BundleSettings",
+    "DczError",
+    "PreviousVersion",
+    "Question",
+    "canonical_bytes",
+    "decode_dcz",
+    "encode_br",
+    "encode_dcz",
+    "encode_gzip",
+    "json_path",
+    "parse_json",
+    "run",
+    "run_for_job",
+    "validate_bundle",
+]
 
 IDENTITY_NAME: Final = "bundle.json"
 CONTENT_TYPE: Final = "application/json"
@@ -81,194 +116,35 @@ DCB_SKIPPED: Final = (
 # ---- errors ---------------------------------------------------------------------------------
 
 
-Problem = tuple[str, str]
-"""(JSON path, message), e.g. ``("questions[3].options", "at least 2 options")``."""
-
-
 class BundleInvalid(PermanentFault):
     """The document is JSON but not a valid bundle; ``problems`` lists all that were found."""
 
     def __init__(self, problems: Sequence[Problem]) -> None:
-        self.problems = list(problems)
-        shown = "; ".join(
-            f"{path}: {message}" for path, message in problems[:MAX_REPORTED_PROBLEMS]
-        )
-        more = len(problems) - MAX_REPORTED_PROBLEMS
-        suffix = f" (and {more} more)" if more > 0 else ""
-        noun = "problem" if len(problems) == 1 else "problems"
-        super().__init__(f"invalid bundle, {len(problems)} {noun}: {shown}{suffix}")
+        self.problems = [Problem(*p) for p in problems]
+        super().__init__(summary(self.problems))
 
 
 class DczError(TranscodeError, ValueError):
     """A ``dcz`` stream that is malformed or was made with another dictionary."""
 
 
-# ---- the schema -----------------------------------------------------------------------------
-
-
-def _text(value: str) -> str:
-    """Non-blank, valid Unicode, at most MAX_TEXT_BYTES in UTF-8; returned NFC-normalised."""
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise PydanticCustomError(
-            "text_unicode", "not valid Unicode text (a lone surrogate escape)"
-        ) from None
-    if size > MAX_TEXT_BYTES:
-        raise PydanticCustomError(
-            "text_too_long",
-            "longer than {limit} bytes in UTF-8 ({size})",
-            {"limit": MAX_TEXT_BYTES, "size": size},
-        )
-    if not value.strip():
-        raise PydanticCustomError("text_blank", "must not be empty or blank")
-    return unicodedata.normalize("NFC", value)
-
-
-def _question_id(value: str) -> str:
-    if not (
-        1 <= len(value) <= 64
-        and value.isascii()
-        and value[0].isalnum()
-        and all(c.isalnum() or c in "._:-" for c in value)
-    ):
-        raise PydanticCustomError(
-            "question_id",
-            "must be 1 to 64 ASCII letters, digits, '.', '_', ':' or '-', "
-            "starting with a letter or digit",
-        )
-    return value
-
-
-Text = Annotated[str, AfterValidator(_text)]
-QuestionId = Annotated[str, AfterValidator(_question_id)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-
-class Bilingual(_Strict):
-    en: Text
-    hi: Text
-
-
-class Question(_Strict):
-    id: QuestionId
-    subject: Text
-    chapter: Text
-    stem: Bilingual
-    options: Annotated[list[Bilingual], Field(min_length=MIN_OPTIONS, max_length=MAX_OPTIONS)]
-    answer: Annotated[int, Field(ge=0)]
-    """Index into ``options``, from 0."""
-    explanation: Bilingual
-
-
-class Bundle(_Strict):
-    bundle: Text
-    """The bundle's title."""
-    questions: Annotated[list[Question], Field(min_length=1, max_length=MAX_QUESTIONS)]
-    version: int | None = None
-    """Accepted so that a published document can be edited and uploaded again; replaced by the
-    version the worker assigns."""
-
-
-# ---- parse and validate ---------------------------------------------------------------------
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r} in an object")
-        obj[key] = value
-    return obj
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+# ---- parse and validate (the schema is origin.bundle_schema's) ------------------------------
 
 
 def parse_json(data: bytes) -> Any:
     """Strict JSON from bytes; :class:`PermanentFault` for anything else."""
     try:
-        text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PermanentFault(f"not UTF-8 text: bad byte at offset {exc.start}") from exc
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
-    except json.JSONDecodeError as exc:
-        raise PermanentFault(
-            f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from exc
-    except ValueError as exc:
-        raise PermanentFault(f"not valid JSON: {exc}") from exc
-    except RecursionError as exc:
-        raise PermanentFault("not valid JSON: nested too deeply") from exc
-
-
-def json_path(loc: Sequence[int | str]) -> str:
-    """``("questions", 3, "stem", "hi")`` → ``questions[3].stem.hi``; the root is ``$``."""
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
-    return path or "$"
-
-
-def _describe(error: ErrorDetails) -> str:
-    kind, ctx, loc = error["type"], error.get("ctx", {}), error["loc"]
-    noun = loc[-1] if loc and isinstance(loc[-1], str) else "items"
-    if kind in ("too_short", "too_long"):
-        count = ctx["min_length" if kind == "too_short" else "max_length"]
-        noun = noun[:-1] if count == 1 and noun.endswith("s") else noun
-        return f"{'at least' if kind == 'too_short' else 'at most'} {count} {noun}"
-    messages = {
-        "missing": "required",
-        "extra_forbidden": "unknown field",
-        "string_type": "must be a string",
-        "int_type": "must be an integer",
-        "model_type": "must be an object",
-        "dict_type": "must be an object",
-        "list_type": "must be an array",
-        "greater_than_equal": f"must be at least {ctx.get('ge')}",
-    }
-    return messages.get(kind, error["msg"])
-
-
-def _rule_problems(bundle: Bundle) -> list[Problem]:
-    """What the schema cannot check: unique ids, answer within the options."""
-    problems: list[Problem] = []
-    first_index: dict[str, int] = {}
-    for index, question in enumerate(bundle.questions):
-        first = first_index.setdefault(question.id, index)
-        if first != index:
-            problems.append(
-                (f"questions[{index}].id", f"duplicate id {question.id!r}, as questions[{first}]")
-            )
-        if question.answer >= len(question.options):
-            problems.append(
-                (
-                    f"questions[{index}].answer",
-                    f"{question.answer} is out of range for {len(question.options)} options "
-                    f"(0 to {len(question.options) - 1})",
-                )
-            )
-    return problems
+        return bundle_schema.parse_json(data)
+    except NotStrictJson as exc:
+        raise PermanentFault(str(exc)) from exc
 
 
 def validate_bundle(document: Any) -> Bundle:
     """A :class:`Bundle` from parsed JSON, or :class:`BundleInvalid` listing the problems."""
-    if not isinstance(document, dict):
-        raise BundleInvalid([("$", "must be a JSON object")])
     try:
-        bundle = Bundle.model_validate(document)
-    except ValidationError as exc:
-        raise BundleInvalid(
-            [(json_path(e["loc"]), _describe(e)) for e in exc.errors(include_url=False)]
-        ) from None
-    if problems := _rule_problems(bundle):
-        raise BundleInvalid(problems)
-    return bundle
+        return bundle_schema.validate_bundle(document)
+    except SchemaProblems as exc:
+        raise BundleInvalid(exc.problems) from None
 
 
 # ---- canonical form -------------------------------------------------------------------------
@@ -276,7 +152,7 @@ def validate_bundle(document: Any) -> Bundle:
 
 def canonical_bytes(bundle: Bundle, version: int) -> bytes:
     """The one byte sequence for this content and version (see the module docstring)."""
-    document = bundle.model_dump(exclude={"version"})
+    document = bundle.document()
     document["version"] = version
     return json.dumps(
         document, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
