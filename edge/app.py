@@ -311,6 +311,9 @@ class Edge:
     async def apply_purges(self, purges: Sequence[Purge]) -> Applied:
         """purge: apply a batch of purges to every tier (see :mod:`edge.purge`)."""
         self.purge_epoch += 1
+        # A URL marked hit-for-miss (say a 404 before its asset was published) must not pass
+        # every request upstream for two minutes after the publish that fixed it.
+        self._hit_for_miss.clear()
         return await apply_purges(self.cache, self.host, purges)
 
     async def _sync_disk_forever(self, disk: DiskTier) -> None:
@@ -663,9 +666,18 @@ class Edge:
             await self.cache.store_bytes(key, meta, body)
             return Stored()
         meta = replace(base, body_bytes=length or 0)
+
+        def sized(size: int) -> EntryMeta:
+            """A chunked or close-delimited body: its length is what arrived, whole."""
+            return replace(base, body_bytes=size, headers=_with_length(base.headers, size))
+
         try:
             stored = await self.cache.store_stream(
-                key, meta, response.chunks(), expected_size=length
+                key,
+                meta,
+                response.chunks(),
+                expected_size=length,
+                meta_for_size=sized if length is None else None,
             )
         except ValueError:
             return ErrorAnswer(

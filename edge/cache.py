@@ -6,9 +6,9 @@ only. Each tier has its own byte budget and eviction policy.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from edge.entry import VARIANT_SEP, EntryMeta
 from edge.keys import secondary_key
@@ -81,15 +81,36 @@ class TieredCache:
         return Hit(key, meta, body=body)
 
     async def store_stream(
-        self, key: str, meta: EntryMeta, chunks: AsyncIterator[bytes], *, expected_size: int | None
+        self,
+        key: str,
+        meta: EntryMeta,
+        chunks: AsyncIterator[bytes],
+        *,
+        expected_size: int | None,
+        meta_for_size: Callable[[int], EntryMeta] | None = None,
     ) -> Hit | None:
-        """Stream a large body to disk. ``None`` if there is no disk tier or it declined."""
+        """Stream a large body to disk. ``None`` if there is no disk tier or it declined. A
+        body of unknown length gives *meta_for_size*: the metadata stored is made from the
+        size written (see :meth:`DiskTier.store`)."""
         if self.disk is None:
             return None
-        stored = await self.disk.store(key, meta.to_dict(), chunks, expected_size=expected_size)
+        final: list[EntryMeta] = [meta]
+
+        def sized(size: int) -> dict[str, Any]:
+            assert meta_for_size is not None
+            final[0] = meta_for_size(size)
+            return final[0].to_dict()
+
+        stored = await self.disk.store(
+            key,
+            meta.to_dict(),
+            chunks,
+            expected_size=expected_size,
+            meta_for_size=None if meta_for_size is None else sized,
+        )
         if stored is None:
             return None
-        return Hit(key, meta, disk=stored)
+        return Hit(key, final[0], disk=stored)
 
     async def update_meta(self, key: str, meta: EntryMeta) -> None:
         self.memory.update_meta(key, meta)

@@ -120,7 +120,7 @@ class Upstream:
                 "refused", f"cannot connect to upstream {self.base_url}: {exc}"
             ) from exc
         except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
-            raise UpstreamError("protocol", f"upstream failed: {exc}") from exc
+            raise UpstreamError("protocol", f"upstream failed: {str(exc)[:200]}") from exc
         headers_out = strip_hop_by_hop(  # field names interned: every stored response has them
             [
                 (sys.intern(k.decode("latin-1")), v.decode("latin-1"))

@@ -923,10 +923,16 @@ class DiskTier:
         chunks: AsyncIterator[bytes],
         *,
         expected_size: int | None = None,
+        meta_for_size: Callable[[int], Mapping[str, Any]] | None = None,
     ) -> DiskEntry | None:
         """Stream a body to disk, let the policy decide, publish atomically; ``None`` when the
         policy declined it (nothing was published, and any older entry for ``key`` is gone
         if the policy dropped it).
+
+        A body of unknown length (chunked or close-delimited upstream) passes
+        ``meta_for_size``: the metadata published with it is ``meta_for_size(size)``, made once
+        the whole body is on disk, so its declared length is the written one from the first
+        moment anyone can read it.
 
         Chunks are written in batches by worker threads and must not be mutated after they
         are yielded. A body larger than ``capacity_bytes`` is not written (no policy can
@@ -948,6 +954,8 @@ class DiskTier:
             size_bytes, batch = await self._write_chunks(temp, chunks, limit_bytes)
             if expected_size is not None and size_bytes != expected_size:
                 raise BodySizeMismatchError(key, expected_size, size_bytes)
+            if meta_for_size is not None:
+                meta_json = _encode_meta(meta_for_size(size_bytes))
 
             decided = True
             doomed = self._drop_victims(self._policy.insert(key, size_bytes), keep=key)
