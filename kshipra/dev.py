@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -67,6 +68,16 @@ async def _wait_for_latest(origin_url: str, token: str, asset_id: str) -> str:
                 raise RuntimeError(f"the sample failed to process: {asset['status_reason']}")
             await asyncio.sleep(0.1)
     raise RuntimeError("the sample was not processed within a minute")
+
+
+def _kshipra_command() -> str:
+    """How to run ``kshipra`` from the user's shell: the bare name when it is on their PATH,
+    else this install's own script (``./scripts/dev`` runs it from ``./.venv/bin``)."""
+    beside = Path(sys.executable).parent / "kshipra"
+    on_path = shutil.which("kshipra")
+    if on_path is not None and Path(on_path).resolve() == beside.resolve():
+        return "kshipra"
+    return str(beside) if beside.exists() else "kshipra"
 
 
 @click.command("dev")
@@ -157,7 +168,11 @@ def dev_command(origin_listen: str, edge_listen: str, data_dir: Path, workers: i
         terminal.result(f"try      curl -si --compressed {through_edge} | grep -i cache-status")
         terminal.result(
             f"upload   KSHIPRA_UPLOAD_TOKEN={upload_token} "
-            f"kshipra upload FILE --origin {origin_url}"
+            f"{_kshipra_command()} upload FILE --wait --origin {origin_url}"
+        )
+        terminal.result(
+            f"purge    KSHIPRA_PURGE_TOKEN={os.environ['KSHIPRA_PURGE_TOKEN']} "
+            f"{_kshipra_command()} purge --tag TAG --origin {origin_url}"
         )
         terminal.result("Ctrl-C stops everything.")
 

@@ -261,3 +261,40 @@ def test_a_bundle_is_published_while_a_lecture_transcodes(
     )
     lecture = api(f"{origin}/v1/assets/queue-lecture")
     assert lecture["status"] == "processing", "the lecture finished first: nothing to show"
+
+
+def metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_an_edge_without_redis_says_it_receives_no_purges(
+    tmp_path: Path, valkey_url: str, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    log = tmp_path / "lonely.log"
+    lonely, _ = start_edge(processes, log, "--upstream", "http://127.0.0.1:9", "--name", "lonely")
+    ready = api(lonely + "/readyz")
+    assert (ready["status"], ready["purges"]) == ("ready", "off")
+    assert "receives no purges" in ready["warning"]
+    assert metric(lonely, "kshipra_edge_purge_stream_following") == 0
+    eventually(lambda: "receives NO PURGES" in log.read_text(), timeout_s=10, what="the warning")
+    # The environment's Redis (as a config would give it) is followed without --redis.
+    port = free_port()
+    with (tmp_path / "env.log").open("wb") as out:
+        process = subprocess.Popen(
+            kshipra_argv(
+                "edge", "--upstream", "http://127.0.0.1:9", "--name", "from-env",
+                "--listen", f"127.0.0.1:{port}",
+            ),
+            env=child_env(KSHIPRA_REDIS__URL=valkey_url),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    processes.append(process)
+    followed = f"http://127.0.0.1:{port}"
+    wait_for_http(followed + "/readyz", process=process)
+    assert api(followed + "/readyz")["purges"] == "following"
+    assert metric(followed, "kshipra_edge_purge_stream_following") == 1
