@@ -209,8 +209,18 @@ class EdgeConfig(_Section):
     slice_bytes: PositiveByteSize = 8 * 1024**2
     upstream_timeout_s: float = Field(default=30.0, gt=0)
     max_upstream_connections: int = Field(default=64, gt=0)
+    proxy_prefixes: tuple[str, ...] = ("/content/",)
+    """Paths the edge proxies; anything else is a 404 from the edge, and the origin's
+    ``/v1/`` control API never passes whatever this says."""
 
     _listen_ok = field_validator("listen")(_check_listen)
+
+    @field_validator("proxy_prefixes")
+    @classmethod
+    def _prefixes_ok(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or any(not prefix.startswith("/") for prefix in value):
+            raise ValueError("at least one path prefix, each starting with '/'")
+        return value
 
     @field_validator("name")
     @classmethod

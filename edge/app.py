@@ -157,6 +157,10 @@ class EdgeSettings:
     redis_url: str | None = None
     """Follow the fleet's purge stream here (see :mod:`edge.purge`); ``None``: only the
     operator endpoint purges."""
+    proxied_prefixes: tuple[str, ...] = ("/content/",)
+    """Only paths under these are proxied (everything else is a 404 from the edge itself), so
+    the edge is never a door to the origin's control API; ``/v1/`` is refused whatever this
+    says."""
 
 
 # ---- outcomes of a fetch, shared with collapsed waiters -----------------------------------------
@@ -191,6 +195,18 @@ class ErrorAnswer:
 
 
 Outcome = Stored | Refreshed | Passed | ErrorAnswer
+
+
+CONTROL_PREFIX = "/v1/"
+"""The origin's control API (uploads, jobs, purges): never reachable through an edge."""
+
+
+def proxied(path: str, prefixes: Sequence[str]) -> bool:
+    """Does the edge proxy *path* (normalised)? Only under *prefixes*, never the origin's
+    control API."""
+    if path == CONTROL_PREFIX.rstrip("/") or path.startswith(CONTROL_PREFIX):
+        return False
+    return any(path.startswith(prefix) for prefix in prefixes)
 
 
 def http_date(moment: float) -> str:
@@ -365,6 +381,8 @@ class Edge:
             target = normalise_target(request.raw_path)
         except BadTarget as exc:
             return error_response(400, f"bad request target: {exc}")
+        if not proxied(target.path, self.settings.proxied_prefixes):
+            return error_response(404, f"{target.path} is not served through this edge")
         await self._catch_up_with_child(request)  # purge
         if request.method in ("GET", "HEAD"):
             return await self.cacheable(request, target)
@@ -1395,7 +1413,21 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=503 if state == "catching-up" else 200)
 
 
+_LOOPBACK = frozenset({"127.0.0.1", "::1"})
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
+    """``/metrics``: open to this machine (a local Prometheus or agent); from elsewhere only
+    with ``Authorization: Bearer <KSHIPRA_PURGE_TOKEN>`` (Prometheus' ``authorization``)."""
+    edge = request.app[EDGE]
+    if request.remote not in _LOOPBACK:
+        token = edge.settings.purge_token
+        offered = request.headers.get("Authorization", "")
+        scheme, _, value = offered.partition(" ")
+        if token is None or scheme.lower() != "bearer" or not value.strip():
+            return error_response(401, "metrics need a bearer token (the fleet's purge token)")
+        if not hmac.compare_digest(value.strip().encode(), token.encode()):
+            return error_response(403, "wrong token for metrics")
     body, content_type = request.app[EDGE].metrics.render()
     return web.Response(body=body, headers={"Content-Type": content_type})
 

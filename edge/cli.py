@@ -36,6 +36,7 @@ def settings_from_config(config: KshipraConfig, name: str) -> tuple[EdgeSettings
         slice_bytes=edge.slice_bytes,
         upstream_timeout_s=edge.upstream_timeout_s,
         max_upstream_connections=edge.max_upstream_connections,
+        proxied_prefixes=edge.proxy_prefixes,
         purge_token=config.secrets.purge_token,
         # purge: follow the purge stream unless Redis is the origin's embedded child server
         redis_url=None if config.redis.url == "embedded" else config.redis.url,
@@ -115,6 +116,13 @@ def _size(value: str | None, name: str) -> int | None:
     help="Follow the purge stream in this Redis (redis://HOST:PORT[/DB]); with --config, "
     "default: the config's redis url unless it is 'embedded'",
 )
+@click.option(
+    "--proxy-prefix",
+    "proxy_prefixes",
+    multiple=True,
+    help="Proxy only paths under this prefix (repeatable) [default /content/; the origin's "
+    "/v1/ control API is never proxied]; '/' for any path of a third-party origin",
+)
 def edge_command(
     upstream: str | None,
     listen: str | None,
@@ -125,6 +133,7 @@ def edge_command(
     disk_bytes: str | None,
     workers: int,
     redis_url: str | None,
+    proxy_prefixes: tuple[str, ...],
 ) -> None:
     """Run an edge: an RFC 9111 caching reverse proxy with memory and disk tiers."""
     from origin.cli import configure_logging, load_or_exit  # noqa: PLC0415 - shared helpers
@@ -164,6 +173,10 @@ def edge_command(
         parsed = _size(value, option)
         if parsed is not None:
             overrides[key] = parsed
+    if proxy_prefixes:
+        if any(not prefix.startswith("/") for prefix in proxy_prefixes):
+            raise click.BadParameter("a path prefix starts with '/'", param_hint="--proxy-prefix")
+        overrides["proxied_prefixes"] = proxy_prefixes
     if redis_url is not None:
         if not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise click.BadParameter("expected redis://HOST:PORT[/DB]", param_hint="--redis")

@@ -137,16 +137,17 @@ def make_edge(
     _, server = upstream
 
     async def make(**overrides: Any) -> TestClient[Any, Any]:
-        settings = EdgeSettings(
-            name="test-edge",
-            upstream_url=str(server.make_url("")).rstrip("/"),
-            cache_host="cdn.example",
-            disk_dir=tmp_path / "edge-disk",
-            memory_bytes=16 * 1024**2,
-            disk_bytes=256 * 1024**2,
-            upstream_timeout_s=5.0,
-            **overrides,
-        )
+        values: dict[str, Any] = {
+            "proxied_prefixes": ("/",),  # scripted upstreams serve any path
+            "name": "test-edge",
+            "upstream_url": str(server.make_url("")).rstrip("/"),
+            "cache_host": "cdn.example",
+            "disk_dir": tmp_path / "edge-disk",
+            "memory_bytes": 16 * 1024**2,
+            "disk_bytes": 256 * 1024**2,
+            "upstream_timeout_s": 5.0,
+        }
+        settings = EdgeSettings(**{**values, **overrides})
         client: TestClient[Any, Any] = await aiohttp_client(EdgeServer(create_app(settings)))
         return client
 

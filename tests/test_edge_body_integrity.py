@@ -63,6 +63,7 @@ async def raw_origin() -> AsyncIterator[RawOrigin]:
 def raw_edge(aiohttp_client: Any, raw_origin: RawOrigin, tmp_path: Path) -> Callable[..., Any]:
     async def make(*, disk: bool) -> Client:
         settings = EdgeSettings(
+            proxied_prefixes=("/",),  # scripted upstreams serve any path
             name="integrity",
             upstream_url=f"http://127.0.0.1:{raw_origin.port}",
             cache_host="cdn.example",

@@ -39,6 +39,7 @@ async def test_bundle_deltas_reach_students_through_the_edge(
     edge: Client = await aiohttp_client(
         create_app(
             EdgeSettings(
+                proxied_prefixes=("/",),  # scripted upstreams serve any path
                 name="patna",
                 upstream_url=str(origin.make_url("")).rstrip("/"),
                 disk_dir=tmp_path / "edge",

@@ -611,6 +611,7 @@ async def test_a_parent_catches_up_before_answering_a_child_that_is_ahead(
     script_text(origin, "/a.txt", tags="t-a")
     parent = await make_edge(redis_url=url, purge_token=PURGE_TOKEN)
     child_settings = EdgeSettings(
+        proxied_prefixes=("/",),  # scripted upstreams serve any path
         name="child",
         upstream_url=str(parent.make_url("")).rstrip("/"),
         cache_host=HOST,

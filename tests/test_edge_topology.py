@@ -78,6 +78,7 @@ def path_of(url: str) -> str:
 
 def edge_settings(name: str, upstream: str, disk_dir: Path) -> EdgeSettings:
     return EdgeSettings(
+        proxied_prefixes=("/",),  # scripted upstreams serve any path
         name=name,
         upstream_url=upstream,
         disk_dir=disk_dir,

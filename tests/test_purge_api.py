@@ -76,6 +76,7 @@ def make_real_edge(aiohttp_client: Any, redis_url: str) -> Callable[..., Awaitab
 
     async def make(name: str, upstream: str) -> Client:
         settings = EdgeSettings(
+            proxied_prefixes=("/",),  # scripted upstreams serve any path
             name=name,
             upstream_url=upstream.rstrip("/"),
             memory_bytes=64 * 1024**2,
