@@ -151,6 +151,9 @@ class EdgeSettings:
     upstream_timeout_s: float = 30.0
     max_upstream_connections: int = 64
     hit_for_miss_s: float = 120.0
+    hit_for_miss_max_keys: int = 10_000
+    """At most this many URLs remembered as uncacheable: an attacker walking random 404s must
+    not grow the edge without bound (about 150 B each)."""
     policy: str = "tinylfu-sa"
     disk_sync_interval_s: float = 5.0
     purge_token: str | None = field(default=None, repr=False)
@@ -219,6 +222,32 @@ def error_response(status: int, message: str, **extra: str) -> web.Response:
     )
 
 
+UNKEYED_OVERRIDES = frozenset(
+    {
+        "forwarded",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-host",
+        "x-host",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-real-ip",
+        "x-client-ip",
+        "true-client-ip",
+    }
+)
+"""Request fields that frameworks read as a different URL, host, scheme or method, which the
+edge does not key on: forwarded, one request would poison the object cached for every student
+(with ``X-Forwarded-*``, dropped by prefix)."""
+
+
+def unkeyed_override(name: str) -> bool:
+    """Is *name* one of :data:`UNKEYED_OVERRIDES` or ``X-Forwarded-*``?"""
+    lowered = name.lower()
+    return lowered in UNKEYED_OVERRIDES or lowered.startswith("x-forwarded-")
+
+
 def forwarded_request_headers(request: web.Request, *, encoding: str) -> list[tuple[str, str]]:
     """End-to-end request headers for upstream: hop-by-hop, Host, conditionals, Range and
     Accept-Encoding replaced by ours."""
@@ -233,15 +262,13 @@ def forwarded_request_headers(request: web.Request, *, encoding: str) -> list[tu
         "if-unmodified-since",
         "content-length",
         "expect",
-        "x-forwarded-host",
-        "forwarded",
         FLEET_HEADER.lower(),
         PURGE_SEEN_HEADER.lower(),  # purge
     }
     headers = [
         (key, value)
         for key, value in strip_hop_by_hop(list(request.headers.items()))
-        if key.lower() not in drop
+        if key.lower() not in drop and not unkeyed_override(key)
     ]
     headers.append(("Accept-Encoding", encoding))
     return headers
@@ -316,6 +343,9 @@ class Edge:
                 "when their TTL runs out. Start it with --redis URL or a config with redis.url.",
                 self.settings.name,
             )
+
+    def hit_for_miss_keys(self) -> int:
+        return len(self._hit_for_miss)
 
     def purge_state(self) -> str:
         """``off`` (no Redis configured), ``catching-up`` (replaying before it serves fresh
@@ -628,7 +658,15 @@ class Edge:
             response_headers=headers,
         )
         if reason is not None:
-            self._hit_for_miss[key] = time.time() + self.settings.hit_for_miss_s
+            marks = self._hit_for_miss
+            if len(marks) >= self.settings.hit_for_miss_max_keys:
+                # Bounded: an attacker walking random uncacheable URLs must not grow the edge
+                # without limit. Forgetting marks costs only their queueing shortcut.
+                now = time.time()
+                self._hit_for_miss = marks = {k: t for k, t in marks.items() if t > now}
+                if len(marks) >= self.settings.hit_for_miss_max_keys:
+                    marks.clear()
+            marks[key] = time.time() + self.settings.hit_for_miss_s
             return Passed(response, f"uncacheable-{reason}")
         self._hit_for_miss.pop(key, None)
         stored_headers = headers_to_store(headers)
@@ -861,8 +899,8 @@ class Edge:
         headers = [
             (k, v)
             for k, v in strip_hop_by_hop(list(request.headers.items()))
-            if k.lower()
-            not in ("host", "content-length", "x-forwarded-host", "forwarded", FLEET_HEADER.lower())
+            if k.lower() not in ("host", "content-length", FLEET_HEADER.lower())
+            and not unkeyed_override(k)
         ]
         try:
             response = await self.upstream.request(

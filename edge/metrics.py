@@ -66,6 +66,12 @@ class EdgeMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=registry,
         )
+        marks = Gauge(
+            "kshipra_edge_hit_for_miss_keys",
+            "URLs remembered as uncacheable (bounded by hit_for_miss_max_keys)",
+            registry=registry,
+        )
+        marks.set_function(lambda: float(edge.hit_for_miss_keys()))
         following = Gauge(
             "kshipra_edge_purge_stream_following",
             "1 while this edge follows the fleet's purge stream and has caught up; 0 with no "

@@ -288,6 +288,43 @@ async def test_forwarded_host_does_not_reach_upstream(upstream: Upstream, make_e
     assert EVIL not in json.dumps(origin.seen[-1].headers), origin.seen[-1].headers
 
 
+OVERRIDES = [
+    "X-Original-URL: /admin",
+    "X-Rewrite-URL: /admin",
+    "X-Forwarded-Scheme: nothttps",
+    "X-Forwarded-Proto: nothttps",
+    "X-Forwarded-Server: evil.example",
+    "X-Forwarded-Prefix: /evil",
+    "X-Forwarded-Port: 6666",
+    "X-Host: evil.example",
+    "X-HTTP-Method-Override: DELETE",
+]
+
+
+@pytest.mark.parametrize("header", OVERRIDES, ids=[h.split(":")[0] for h in OVERRIDES])
+async def test_override_headers_the_edge_does_not_key_on_never_reach_upstream(
+    upstream: Upstream, make_edge: Any, header: str
+) -> None:
+    """An origin framework that honours one of these would answer for another URL, scheme,
+    host or method, and the edge would cache that answer for every student."""
+    origin, _ = upstream
+    origin.script("/page", headers=CACHEABLE, body=PAGE)
+    origin.script("/private", headers={"Cache-Control": "private"}, body=b"mine")
+    origin.script("/form", headers={"Cache-Control": "no-store"}, body=b"posted")
+    edge = await make_edge()
+    name, _, value = header.partition(": ")
+    assert (await raw_get(edge, "/page", header)).status == 200
+    assert (await raw_get(edge, "/private", header)).status == 200
+    posted = await exchange(
+        edge, request_bytes("/form", header, "Content-Length: 2", method="POST") + b"ok"
+    )
+    assert posted.status == 200
+    assert len(origin.seen) == 3
+    for seen in origin.seen:
+        assert name.lower() not in {key.lower() for key in seen.headers}, seen
+        assert value not in json.dumps(seen.headers)
+
+
 # ---- path and query normalisation ----------------------------------------------------------------
 
 
@@ -492,3 +529,18 @@ async def assert_doc_still_served(edge: Client) -> None:
     response = await edge.get("/doc")
     assert response.status == 200
     assert await response.read() == DOC
+
+
+async def test_uncacheable_urls_are_remembered_within_a_bound(
+    upstream: Upstream, make_edge: Any
+) -> None:
+    """An attacker walking random 404 URLs: the hit-for-miss table stays bounded."""
+    origin, _ = upstream
+    origin.script("/page", headers=CACHEABLE, body=PAGE)
+    edge = await make_edge(hit_for_miss_max_keys=50)
+    for number in range(200):
+        assert (await edge.get(f"/nothing-{number}")).status == 404
+    metrics = await (await edge.get("/metrics")).text()
+    [line] = [x for x in metrics.splitlines() if x.startswith("kshipra_edge_hit_for_miss_keys ")]
+    assert 0 < float(line.split()[1]) <= 50
+    await assert_still_serving(edge)
