@@ -5,6 +5,7 @@ question bank does not wait behind a lecture."""
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import subprocess
 import threading
@@ -298,3 +299,31 @@ def test_an_edge_without_redis_says_it_receives_no_purges(
     wait_for_http(followed + "/readyz", process=process)
     assert api(followed + "/readyz")["purges"] == "following"
     assert metric(followed, "kshipra_edge_purge_stream_following") == 1
+
+
+def test_a_served_process_raises_its_open_file_limit(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """1,124 silent sockets exhausted the default soft limit of 1,024 descriptors."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def low_soft_limit() -> None:  # what a fresh login shell often gives
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    port = free_port()
+    with (tmp_path / "fd.log").open("wb") as log:
+        process = subprocess.Popen(
+            kshipra_argv(
+                "edge", "--upstream", "http://127.0.0.1:9", "--listen", f"127.0.0.1:{port}"
+            ),
+            env=child_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=low_soft_limit,  # noqa: PLW1509 - no threads in the child before exec
+        )
+    processes.append(process)
+    wait_for_http(f"http://127.0.0.1:{port}/readyz", process=process)
+    limits = Path(f"/proc/{process.pid}/limits").read_text()
+    [line] = [x for x in limits.splitlines() if x.startswith("Max open files")]
+    soft, limit = line.split()[3:5]
+    assert soft == limit != "256", line
