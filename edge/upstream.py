@@ -63,6 +63,13 @@ class UpstreamResponse:
         self._response.close()
 
 
+UPSTREAM_IDLE_S = 4.0
+"""A pooled upstream connection is dropped after this long idle: below the idle timeouts of
+the servers it talks to (our own 15 s, many origins' 5 s), so the edge rarely reuses a
+connection the other side is closing. aiohttp retries an idempotent request once when a reused
+connection was closed under it; a POST is not retried (it may have been applied)."""
+
+
 class Upstream:
     """A pooled HTTP client for one upstream base URL."""
 
@@ -85,7 +92,9 @@ class Upstream:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
-            limit=self._max_connections, keepalive_timeout=30, enable_cleanup_closed=True
+            limit=self._max_connections,
+            keepalive_timeout=UPSTREAM_IDLE_S,
+            enable_cleanup_closed=True,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
