@@ -289,12 +289,24 @@ def freshness_lifetime_s(
     return 0.0, False
 
 
+def age_seconds(values: Sequence[str]) -> int:
+    """The ``Age`` field (RFC 9111 §5.1): the first member of a list-based value (``7200, 0``
+    is 7200), the others discarded; an invalid value means the response is stale (the largest
+    age), never fresh; absent, 0."""
+    members = split_list(values)
+    if not members:
+        return 0
+    first = members[0]
+    if not first.isascii() or not first.isdigit():
+        return MAX_DELTA_SECONDS
+    return delta_seconds(first)
+
+
 def initial_age_s(response_headers: Headers, *, request_time: float, response_time: float) -> float:
     """``corrected_initial_age`` of RFC 9111 §4.2.3."""
     date = http_date_seconds(get_one(response_headers, "date"))
     apparent_age = max(0.0, response_time - date) if date is not None else 0.0
-    age_text = get_one(response_headers, "age")
-    age_value = delta_seconds(age_text.strip()) if age_text else 0
+    age_value = age_seconds(get_all(response_headers, "age"))
     response_delay = max(0.0, response_time - request_time)
     corrected_age_value = age_value + response_delay
     return max(apparent_age, corrected_age_value)
