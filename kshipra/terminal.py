@@ -29,6 +29,12 @@ class Terminal:
         if not self.quiet and not self.json_output:
             self.err.print(message)
 
+    def progress_line(self, message: str) -> None:
+        """One plain progress line on stderr, for a log or a pipe (no bar, no markup, no
+        colour), also with ``--json``: stdout keeps its one document."""
+        if not self.quiet:
+            self.err.print(message, markup=False, highlight=False, emoji=False)
+
     def error(self, message: str) -> None:
         self.err.print(f"[bold red]error:[/] {message}", markup=True)
 

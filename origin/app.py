@@ -302,10 +302,20 @@ async def _processing(request: web.Request, manifest: Manifest) -> dict[str, Any
     job = await request.app[QUEUE].job(key)
     return {
         "job": key,
-        "job_status": None if job is None else str(job.status),
+        "job_status": None if job is None else job_status_text(job.status),
         "attempts": None if job is None else job.attempts,
         **(progress or {"stage": "queued", "percent": 0.0, "eta_s": None}),
     }
+
+
+def job_status_text(status: object) -> str:
+    """saq's job status as its plain value (``queued``, ``active``, ``complete``,
+    ``failed``…), never an enum's repr. saq leaves a job's status out of its dict while it is
+    the default, ``new``."""
+    if status is None:
+        return "new"
+    value = getattr(status, "value", status)
+    return str(value)
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -317,7 +327,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         jobs.append(
             {
                 "key": key,
-                "status": job.get("status"),
+                "status": job_status_text(job.get("status")),
                 "attempts": job.get("attempts"),
                 "progress": await progress_of(request.app[REDIS], key),
                 "error": job.get("error"),

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
 import click
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -31,7 +34,6 @@ from origin.client import (
     BadInput,
     ClientError,
     OriginClient,
-    SilentListener,
     TransferListener,
     UploadReport,
     default_origin_url,
@@ -39,6 +41,10 @@ from origin.client import (
 from origin.sniff import KINDS
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_AUTH, EXIT_SERVER = 0, 2, 3, 4
+PLAIN_PROGRESS_INTERVAL_S = 5.0
+"""Off a terminal, ``upload`` prints a progress line at least this often."""
+WAIT_POLL_S = 0.5
+"""How often ``upload --wait`` asks the origin how the processing is going."""
 
 
 def load_or_exit(config_file: str | None, overrides: dict[str, Any]) -> KshipraConfig:
@@ -170,6 +176,13 @@ def _report_json(report: UploadReport) -> dict[str, Any]:
 @click.option("--wait", is_flag=True, help="Wait until the asset is processed and published")
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON object")
 @click.option("--max-rate", help="Cap the upload rate, e.g. 2MiB (per second)")
+@click.option(
+    "--progress-interval",
+    type=click.FloatRange(min=0.01),
+    default=PLAIN_PROGRESS_INTERVAL_S,
+    hidden=True,
+    help="Seconds between plain progress lines when not on a terminal (for tests)",
+)
 def upload_command(
     path: Path,
     kind: str | None,
@@ -179,6 +192,7 @@ def upload_command(
     wait: bool,
     json_output: bool,
     max_rate: str | None,
+    progress_interval: float,
 ) -> None:
     """Upload a lecture, image or question-bank bundle; large files resume where they
     stopped.
@@ -193,54 +207,61 @@ def upload_command(
     async def main() -> UploadReport:
         async with OriginClient(base_url, token) as client:
             if terminal.interactive:
-                columns = (
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    DownloadColumn(binary_units=True),
-                    TransferSpeedColumn(),
-                    TimeRemainingColumn(),
-                )
-                with Progress(*columns, console=terminal.err, transient=False) as progress:
-                    listener: TransferListener = ProgressListener(progress, f"upload {path.name}")
-                    report = await client.upload(
-                        path,
-                        kind=kind,
-                        asset_id=asset_id,
-                        tags=list(tags),
-                        listener=listener,
-                        max_rate_bytes_per_s=rate,
-                    )
-            else:
+                return await interactive(client)
+            plain = PlainProgress(terminal, path.name, progress_interval)
+            ticker = asyncio.create_task(plain.run())
+            try:
                 report = await client.upload(
                     path,
                     kind=kind,
                     asset_id=asset_id,
                     tags=list(tags),
-                    listener=SilentListener(),
+                    listener=plain,
                     max_rate_bytes_per_s=rate,
                 )
-            if wait:
-                version = int(report.asset["newest_version"])
-                if terminal.interactive:
-                    with Progress(
-                        TextColumn("{task.description}"),
-                        BarColumn(),
-                        TaskProgressColumn(),
-                        TimeRemainingColumn(),
-                        console=terminal.err,
-                    ) as progress:
-                        view = RichProcessingView(progress, f"process {path.name}")
-                        report.asset = await _wait_published(
-                            client, report.asset["id"], version, view
-                        )
-                else:
-                    report.asset = await _wait_published(client, report.asset["id"], version, None)
+                if wait:
+                    version = int(report.asset["newest_version"])
+                    report.asset = await _wait_published(client, report.asset["id"], version, plain)
+            finally:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
             return report
+
+    async def interactive(client: OriginClient) -> UploadReport:
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=terminal.err, transient=False) as progress:
+            listener: TransferListener = ProgressListener(progress, f"upload {path.name}")
+            report = await client.upload(
+                path,
+                kind=kind,
+                asset_id=asset_id,
+                tags=list(tags),
+                listener=listener,
+                max_rate_bytes_per_s=rate,
+            )
+        if wait:
+            version = int(report.asset["newest_version"])
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                console=terminal.err,
+            ) as progress:
+                view = RichProcessingView(progress, f"process {path.name}")
+                report.asset = await _wait_published(client, report.asset["id"], version, view)
+        return report
 
     try:
         report = asyncio.run(main())
     except ClientError as exc:
-        terminal.error(str(exc))
+        terminal.error(escape(str(exc)))  # a refused bundle's problems quote its keys
         sys.exit(exc.exit_code)
     if json_output:
         terminal.emit_json(_report_json(report))
@@ -262,28 +283,53 @@ def upload_command(
         terminal.result(f"  {name:<22} {url}")
 
 
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``3 min 5 s``, ``1 h 2 min``: for a person."""
+    whole = max(0, round(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
+def describe_processing(processing: dict[str, Any] | None) -> str:
+    """``encode 42%, ETA 1 min 5 s`` from a progress document (``stage``, ``percent``,
+    ``eta_s``); ``queued`` when there is none yet."""
+    if not processing:
+        return "queued"
+    stage = str(processing.get("stage") or "queued")
+    percent = processing.get("percent")
+    text = stage if percent is None or stage == "queued" else f"{stage} {float(percent):.0f}%"
+    eta = processing.get("eta_s")
+    if eta is not None:
+        text += f", ETA {format_duration(float(eta))}"
+    return text
+
+
 class ProcessingView(Protocol):
-    def show(self, stage: str, percent: float) -> None: ...
+    def show(self, processing: dict[str, Any] | None) -> None: ...
+
+    def done(self) -> None: ...
 
 
 async def _wait_published(
-    client: OriginClient, asset_id: str, version: int, view: ProcessingView | None
+    client: OriginClient, asset_id: str, version: int, view: ProcessingView
 ) -> dict[str, Any]:
     """Poll the catalogue until *version* of the asset is published (or failed), showing the
     worker's progress."""
     while True:
         asset = await client.asset(asset_id)
         if asset.get("version") is not None and asset["version"] >= version:
-            if view is not None:
-                view.show("published", 100.0)
+            view.done()
             return asset
         newest_state = asset.get("newest_state")
         if asset.get("newest_version") == version and newest_state == "failed":
             raise BadInput(f"processing failed: {asset.get('status_reason')}")
-        processing = asset.get("processing") or {}
-        if view is not None:
-            view.show(str(processing.get("stage", "queued")), float(processing.get("percent", 0)))
-        await asyncio.sleep(0.5)
+        view.show(asset.get("processing"))
+        await asyncio.sleep(WAIT_POLL_S)  # polling interval of the status API
 
 
 class RichProcessingView:
@@ -292,10 +338,92 @@ class RichProcessingView:
         self._task = progress.add_task(description, total=100.0)
         self._description = description
 
-    def show(self, stage: str, percent: float) -> None:
+    def show(self, processing: dict[str, Any] | None) -> None:
+        percent = float((processing or {}).get("percent") or 0.0)
         self._progress.update(
-            self._task, completed=percent, description=f"{self._description} ({stage})"
+            self._task,
+            completed=percent,
+            description=f"{self._description} ({escape(describe_processing(processing))})",
         )
+
+    def done(self) -> None:
+        self._progress.update(
+            self._task, completed=100.0, description=f"{self._description} (published)"
+        )
+
+
+class PlainProgress:
+    """``upload`` off a terminal (a pipe, a CI log): one plain line on stderr when the upload
+    or the processing starts, ends or changes stage, and every *interval_s* in between even
+    when nothing changed, so whoever reads the log can tell the command is alive. It is the
+    upload's transfer listener, then its processing view."""
+
+    def __init__(self, terminal: Terminal, name: str, interval_s: float) -> None:
+        self._terminal = terminal
+        self._name = name
+        self._interval_s = interval_s
+        self._phase = "upload"
+        self._total = 0
+        self._already = 0
+        self._sent = 0
+        self._started = time.monotonic()
+        self._processing: dict[str, Any] | None = None
+        self._stage: str | None = None
+
+    # -- TransferListener
+    def started(self, *, total_bytes: int, already_bytes: int, phase: str) -> None:
+        self._total, self._already, self._sent = total_bytes, already_bytes, already_bytes
+        self._started = time.monotonic()
+        self.print()
+
+    def advanced(self, sent_bytes: int) -> None:
+        self._sent += sent_bytes
+
+    def finished(self) -> None:
+        self._sent = max(self._sent, self._total)
+        self.print()
+
+    # -- ProcessingView
+    def show(self, processing: dict[str, Any] | None) -> None:
+        first = self._phase != "process"
+        self._phase, self._processing = "process", processing
+        stage = str((processing or {}).get("stage") or "queued")
+        if first or stage != self._stage:
+            self._stage = stage
+            self.print()
+
+    def done(self) -> None:
+        self._phase = "published"
+        self.print()
+
+    def line(self) -> str:
+        if self._phase == "published":
+            return f"process {self._name}: published"
+        if self._phase == "process":
+            return f"process {self._name}: {describe_processing(self._processing)}"
+        if not self._total:
+            return f"upload {self._name}: starting"
+        percent = 100.0 * self._sent / self._total
+        text = (
+            f"upload {self._name}: {_human_bytes(self._sent)} of {_human_bytes(self._total)} "
+            f"({percent:.0f}%)"
+        )
+        elapsed = time.monotonic() - self._started
+        moved = self._sent - self._already
+        if moved > 0 and self._sent < self._total and elapsed > 0:
+            rate = moved / elapsed
+            eta = (self._total - self._sent) / rate
+            text += f", {_human_bytes(round(rate))}/s, ETA {format_duration(eta)}"
+        return text
+
+    def print(self) -> None:
+        self._terminal.progress_line(self.line())
+
+    async def run(self) -> None:
+        """Print the current line every interval until cancelled."""
+        while True:
+            await asyncio.sleep(self._interval_s)
+            self.print()
 
 
 def _client_call(json_output: bool, origin_url: str | None, call: Any) -> Any:
@@ -322,6 +450,16 @@ def _human_bytes(size: int) -> str:
     return f"{size} B"
 
 
+def _processing_by_hash(queue: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each queued or running job's status and progress, by the content hash it transcodes."""
+    found: dict[str, dict[str, Any]] = {}
+    for job in queue.get("jobs") or []:
+        content_hash = (job.get("kwargs") or {}).get("content_hash")
+        if content_hash:
+            found[str(content_hash)] = job
+    return found
+
+
 @click.command("jobs")
 @click.option("--origin", "origin_url", envvar="KSHIPRA_ORIGIN_URL", help="Origin base URL")
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON object")
@@ -345,27 +483,83 @@ def jobs_command(origin_url: str | None, json_output: bool) -> None:
             progress = job.get("progress") or {}
             eta = progress.get("eta_s")
             jobs_table.add_row(
-                str(job["key"])[:60],
-                str(job.get("status")),
-                str(job.get("attempts")),
-                str(progress.get("stage", "")),
-                f"{progress.get('percent', 0):.0f}%",
-                "" if eta is None else f"{eta:.0f} s",
+                escape(str(job["key"])[:60]),
+                escape(str(job.get("status") or "")),
+                str(job.get("attempts") or 0),
+                escape(str(progress.get("stage", ""))),
+                f"{float(progress.get('percent') or 0):.0f}%",
+                "" if eta is None else format_duration(float(eta)),
             )
         terminal.out.print(jobs_table)
+    by_hash = _processing_by_hash(queue)
     table = Table("asset", "kind", "status", "published", "newest", "size", "updated")
     for asset in assets:
         version = asset.get("version")
+        newest = f"v{asset['newest_version']} ({asset['newest_state']})"
+        job = by_hash.get(str(asset.get("content_hash")))
+        if asset["newest_state"] == "processing":
+            newest += ": " + describe_processing(None if job is None else job.get("progress"))
         table.add_row(
-            asset["id"],
+            escape(asset["id"]),
             asset["kind"],
             asset["status"],
             "-" if version is None else f"v{version}",
-            f"v{asset['newest_version']} ({asset['newest_state']})",
+            escape(newest),
             _human_bytes(asset["size_bytes"]),
             asset["updated_at"],
         )
     terminal.out.print(table)
+
+
+def status_lines(asset: dict[str, Any]) -> list[str]:
+    """``kshipra status`` for a person: the asset's state (with the reason when it failed),
+    the version served or "not yet published", every version with its state, the newest
+    one's stage, percent and ETA while it is processed, then the URLs. Rich markup."""
+    status = str(asset["status"])
+    title = f"[bold]{escape(asset['id'])}[/] ({asset['kind']}) - {status}"
+    if status == "failed" and asset.get("status_reason"):
+        title += f": {escape(str(asset['status_reason']))}"
+    lines = [title]
+    current = asset.get("version")
+    lines.append(
+        "  published     "
+        + ("not yet published" if current is None else f"v{current} (served as latest)")
+    )
+    versions = (asset.get("manifest") or {}).get("versions") or [
+        {"version": number, "state": None} for number in asset.get("versions") or []
+    ]
+    for index, version in enumerate(sorted(versions, key=lambda v: int(v["version"]))):
+        number = int(version["version"])
+        state = version.get("state")
+        if state is None:
+            state = asset["newest_state"] if number == asset["newest_version"] else "published"
+        text = f"v{number} {state}"
+        if state == "published" and version.get("published_at"):
+            text += f" at {version['published_at']}"
+        if state == "failed" and version.get("state_reason"):
+            text += f": {version['state_reason']}"
+        label = "versions      " if index == 0 else " " * 14
+        lines.append(f"  {label}{escape(text)}")
+    if asset.get("newest_state") == "processing":
+        processing = asset.get("processing")
+        text = f"v{asset['newest_version']}: {describe_processing(processing)}"
+        if processing and processing.get("job_status"):
+            text += f" (job {processing['job_status']}"
+            if processing.get("attempts"):
+                text += f", attempt {processing['attempts']}"
+            text += ")"
+        lines.append(f"  processing    {escape(text)}")
+    lines.append(f"  size          {_human_bytes(asset['size_bytes'])} ({asset['format']})")
+    lines.append(f"  content hash  {asset['content_hash']}")
+    lines.append(f"  tags          {escape(' '.join(asset['tags']))}")
+    urls = asset.get("urls") or {}
+    if not urls:
+        lines.append("  urls          none until a version is published")
+    else:
+        lines.append("  urls")
+        for name, url in urls.items():
+            lines.append(f"    {escape(name):<24} {url}")
+    return lines
 
 
 @click.command("status")
@@ -373,7 +567,8 @@ def jobs_command(origin_url: str | None, json_output: bool) -> None:
 @click.option("--origin", "origin_url", envvar="KSHIPRA_ORIGIN_URL", help="Origin base URL")
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON object")
 def status_command(asset_id: str, origin_url: str | None, json_output: bool) -> None:
-    """Show what the catalogue knows about one asset."""
+    """Show one asset: its versions and their states, what is published, the progress of a
+    version being processed, and its URLs."""
 
     async def call(client: OriginClient) -> dict[str, Any]:
         return await client.asset(asset_id)
@@ -382,10 +577,5 @@ def status_command(asset_id: str, origin_url: str | None, json_output: bool) -> 
     if json_output:
         terminal.emit_json(asset)
         return
-    terminal.result(f"[bold]{asset['id']}[/] ({asset['kind']}) — {asset['status']}")
-    terminal.result(f"  version      v{asset['version']} of {asset['versions']}")
-    terminal.result(f"  size         {_human_bytes(asset['size_bytes'])} ({asset['format']})")
-    terminal.result(f"  content hash {asset['content_hash']}")
-    terminal.result(f"  tags         {' '.join(asset['tags'])}")
-    for name, url in asset["urls"].items():
-        terminal.result(f"  {name:<12} {url}")
+    for line in status_lines(asset):
+        terminal.result(line)

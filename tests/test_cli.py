@@ -123,8 +123,12 @@ def test_jobs_and_status_show_the_catalogue(origin_process: OriginProcess, tmp_p
 
     status = kshipra("status", "leaf-cross-section", origin=origin_process)
     assert status.returncode == 0
-    assert "published" in status.stdout
+    assert "leaf-cross-section (image) - published" in status.stdout
+    assert "v1 (served as latest)" in status.stdout
+    assert "v1 published at " in status.stdout
     assert "image:leaf-cross-section" in status.stdout
+    assert "/content/images/leaf-cross-section/" in status.stdout
+    assert "vNone" not in status.stdout
 
     unknown = kshipra("status", "no-such-thing", origin=origin_process)
     assert unknown.returncode == 2
@@ -167,6 +171,11 @@ def test_an_interrupted_large_upload_resumes(origin_process: OriginProcess, tmp_
     )
     assert failed.returncode == 2
     assert "processing failed" in failed.stderr
+    status = kshipra("status", "long-lecture", origin=origin_process)
+    assert status.returncode == 0
+    assert "long-lecture (lecture) - failed: " in status.stdout
+    assert "v1 failed: " in status.stdout
+    assert "not yet published" in status.stdout
 
 
 def wait_for_parts(
@@ -180,7 +189,7 @@ def wait_for_parts(
         assert process.poll() is None, "the upload finished before it could be interrupted"
         for key in client.scan_iter(f"kshipra:upload:index:{asset_id}:*"):
             upload_id = client.get(key)
-            assert upload_id is not None
+            assert isinstance(upload_id, bytes)
             request = urllib.request.Request(
                 f"{origin.url}/v1/uploads/{upload_id.decode()}",
                 headers={"Authorization": f"Bearer {UPLOAD_TOKEN}"},

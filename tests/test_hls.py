@@ -18,10 +18,12 @@ import m3u8
 import pytest
 from PIL import Image
 
+from transcode import hls
 from transcode.base import Outputs, PermanentFault
 from transcode.hls import (
     AudioRendition,
     Bitrate,
+    EncodeWork,
     MediaPlaylist,
     Segment,
     VideoVariant,
@@ -32,6 +34,7 @@ from transcode.hls import (
     measure_bitrate,
     media_playlist_text,
     parse_media_playlist,
+    report_fraction,
     run,
     target_duration,
     thumbs_vtt_text,
@@ -501,6 +504,38 @@ def test_thumbs_vtt() -> None:
     assert "00:00:20.000 --> 00:00:25.000\nthumbs.jpg#xywh=320,0,160,90" in text
 
 
+# --- Pure: how far an encode is ------------------------------------------------------------------
+
+WORK = EncodeWork(duration_s=10.0, frame_rate=Fraction(30), playlists=("h264-180p",), segment_s=6)
+
+
+def test_encode_work_totals() -> None:
+    assert WORK.total_frames == 300
+    assert WORK.segments_each == 2  # 6 s and 4 s
+    assert EncodeWork(12.0, Fraction(30000, 1001), segment_s=6).total_frames == 360
+    assert EncodeWork(12.0, Fraction(25), segment_s=6).segments_each == 2
+    assert EncodeWork(12.0).total_frames is None
+    assert EncodeWork(12.0).segments_each == 0
+
+
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    [
+        pytest.param({"frame": "150", "out_time_us": "N/A"}, 0.5, id="frames-while-time-is-na"),
+        pytest.param({"frame": "75", "out_time_us": "9000000"}, 0.25, id="frames-first"),
+        pytest.param({"frame": "0", "out_time_us": "2500000"}, 0.25, id="time-while-lookahead"),
+        pytest.param({"frame": "N/A", "out_time_ms": "5000000"}, 0.5, id="out-time-ms-is-us"),
+        pytest.param({"out_time_us": "N/A", "out_time": "00:00:07.500000"}, 0.75, id="clock"),
+        pytest.param({"frame": "900"}, 1.0, id="capped"),
+        pytest.param({"frame": "0", "out_time_us": "N/A", "out_time": "N/A"}, None, id="all-na"),
+        pytest.param({"out_time": "-00:00:00.040000"}, None, id="negative-start"),
+        pytest.param({}, None, id="empty"),
+    ],
+)
+def test_report_fraction(report: dict[str, str], expected: float | None) -> None:
+    assert report_fraction(report, WORK) == expected
+
+
 # --- Real ffmpeg: clips --------------------------------------------------------------------------
 
 
@@ -898,6 +933,24 @@ def test_variable_frame_rate(clips: Path) -> None:
     checked = check_outputs(transcode(src, clips / "vfr-out"))
     assert checked.frame_rate == 25.0
     assert_aligned(checked, 3.0)
+
+
+def test_progress_moves_throughout_the_encode(clips: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encode that also makes the thumbnail sprite: ffmpeg prints no report until the
+    sprite's one frame comes out near the end, so progress comes from the segments written."""
+    monkeypatch.setattr(hls, "PROGRESS_POLL_S", 0.02)
+    src = make_clip(clips / "progress.mp4", size="320x180", seconds=12)
+    settings = replace(SMALL, segment_s=2)
+    result = transcode(src, clips / "progress-out", settings)
+    encode = [fraction for stage, fraction in result.progress if stage == "encode"]
+    assert encode == sorted(encode)
+    assert encode[0] == pytest.approx(0.02)  # the encode stage shows at once
+    assert encode[-1] == pytest.approx(0.92)
+    inside = sorted({f for f in encode if 0.02 < f < 0.92})
+    assert len(inside) >= 3, result.progress
+    stages = [stage for stage, _ in result.progress]
+    assert stages.index("poster") > stages.index("encode")
+    check_outputs(result)
 
 
 class Cancelled(Exception):

@@ -262,6 +262,29 @@ def test_a_bundle_is_published_while_a_lecture_transcodes(
     )
     lecture = api(f"{origin}/v1/assets/queue-lecture")
     assert lecture["status"] == "processing", "the lecture finished first: nothing to show"
+    # The lecture's ffmpeg runs at a lower CPU priority than the work beside it.
+    encoders = eventually(
+        lambda: ffmpeg_children_of_worker(str(tmp_path)), timeout_s=30, what="ffmpeg running"
+    )
+    assert all(niceness == 10 for niceness in encoders), encoders
+
+
+def ffmpeg_children_of_worker(marker: str) -> list[int]:
+    """The niceness of every ffmpeg whose parent's command line names *marker*."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+            parent = int(stat.rpartition(")")[2].split()[1])
+            parent_cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+        if b"ffmpeg" in cmdline.split(b"\0", 1)[0] and marker.encode() in parent_cmdline:
+            found.append(int(stat.rpartition(")")[2].split()[16]))
+    return found
 
 
 def metric(url: str, name: str) -> float:

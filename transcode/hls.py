@@ -21,14 +21,18 @@ set to three B-frames with a pyramid so that delay is the same on every rung).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
+import os
+import queue
 import signal
 import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -612,20 +616,178 @@ def _drain(stream: IO[bytes], sink: list[bytes]) -> None:
         sink.append(chunk)
 
 
+def _read_lines(stream: IO[bytes], lines: queue.SimpleQueue[bytes | None]) -> None:
+    """ffmpeg's ``-progress`` lines onto *lines*, then ``None`` at the end of the stream."""
+    try:
+        for raw in stream:
+            lines.put(raw)
+    finally:
+        lines.put(None)
+
+
+PROGRESS_POLL_S = 0.25
+"""How often :func:`run_ffmpeg` looks for newly written segments between ffmpeg's reports."""
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeWork:
+    """What one ffmpeg encode will produce, so that :func:`run_ffmpeg` can tell how far it is.
+
+    Two measures, because ffmpeg's own reports cannot be relied on: ffmpeg writes no
+    ``-progress`` report at all until every output file has written its header, and the
+    thumbnail sprite (an ``image2`` output fed by ``tile``) gets its one frame only after the
+    last thumbnail, so the encode that makes the sprite reports nothing until 80-95 % of the way
+    (and older builds report ``out_time_us=N/A`` meanwhile). The segments each rung writes
+    (``{name}-00001.m4s``, …) are counted in the meantime."""
+
+    duration_s: float
+    frame_rate: Fraction | None = None
+    """The output rate (the filter graph's ``fps``), which the ``frame=`` counter counts in."""
+    playlists: tuple[str, ...] = ()
+    """Names whose ``{name}-NNNNN.m4s`` media segments this process writes."""
+    segment_s: float = 0.0
+
+    @property
+    def total_frames(self) -> int | None:
+        if not self.frame_rate or self.duration_s <= 0:
+            return None
+        return max(1, math.ceil(self.duration_s * float(self.frame_rate) - 1e-6))
+
+    @property
+    def segments_each(self) -> int:
+        """Segments per playlist: every one lasts ``segment_s`` but the last."""
+        if self.segment_s <= 0 or self.duration_s <= 0:
+            return 0
+        return max(1, math.ceil(self.duration_s / self.segment_s - 1e-6))
+
+
+def _clock_seconds(value: str) -> float | None:
+    """``HH:MM:SS.ffffff`` (ffmpeg's ``out_time``) in seconds; ``None`` for ``N/A``."""
+    parts = value.strip().split(":")
+    if len(parts) != 3 or value.startswith("-"):
+        return None
+    try:
+        hours, minutes, seconds = int(parts[0]), int(parts[1]), float(parts[2])
+    except ValueError:
+        return None
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def report_fraction(report: Mapping[str, str], work: EncodeWork) -> float | None:
+    """How far one ``-progress`` report says the encode is, in [0, 1]: the ``frame=`` counter
+    (frames of the first video output) over the frames the plan expects; else the output time
+    (``out_time_us``, then ``out_time_ms`` — also microseconds, a historical ffmpeg quirk —, then
+    ``out_time``) over the duration. ``None`` when the report fills none of them (``N/A``, or a
+    frame counter still at 0 while the encoders fill their look-ahead)."""
+    total = work.total_frames
+    frames = report.get("frame", "").strip()
+    if total and frames.isdigit() and int(frames) > 0:
+        return min(1.0, int(frames) / total)
+    if work.duration_s <= 0:
+        return None
+    seconds: float | None = None
+    for key in ("out_time_us", "out_time_ms"):
+        value = report.get(key, "").strip()
+        if value.isdigit():
+            seconds = int(value) / 1e6
+            break
+    if seconds is None and "out_time" in report:
+        seconds = _clock_seconds(report["out_time"])
+    if not seconds or seconds <= 0:
+        return None
+    return min(1.0, seconds / work.duration_s)
+
+
+class SegmentCounter:
+    """Counts the media segments an encode has written so far (a segment's file appears,
+    non-empty, when ffmpeg closes it); a few ``stat`` calls per look, whatever the length."""
+
+    def __init__(self, directory: Path, work: EncodeWork) -> None:
+        self._directory = directory
+        self._work = work
+        self._done = dict.fromkeys(work.playlists, 0)
+
+    def _written(self, name: str, number: int) -> bool:
+        try:
+            return (self._directory / f"{name}-{number:05d}.m4s").stat().st_size > 0
+        except OSError:
+            return False
+
+    def fraction(self) -> float | None:
+        """Segments written over segments expected; ``None`` when nothing is counted."""
+        each = self._work.segments_each
+        if not self._done or not each:
+            return None
+        for name in self._done:
+            while self._done[name] < each and self._written(name, self._done[name] + 1):
+                self._done[name] += 1
+        return sum(self._done.values()) / (each * len(self._done))
+
+
+def _follow_progress(
+    lines: queue.SimpleQueue[bytes | None],
+    work: EncodeWork,
+    counter: SegmentCounter,
+    report: Callable[[float], None],
+    poll_s: float,
+) -> None:
+    """Until ffmpeg's stdout ends: on each ``progress=`` line (the end of one report) and
+    whenever *poll_s* passes without one, take the furthest of what the report and the written
+    segments say, and *report* it if it moved forward (both only ever lag the encode)."""
+    done = 0.0
+    fields: dict[str, str] = {}
+    next_look = time.monotonic() + poll_s
+    while True:
+        try:
+            raw = lines.get(timeout=max(0.0, next_look - time.monotonic()))
+        except queue.Empty:
+            raw = b""
+        if raw is None:
+            return
+        measures: list[float | None] = []
+        if raw:
+            key, _, value = raw.decode("ascii", "replace").strip().partition("=")
+            if key != "progress":
+                fields[key] = value
+                if time.monotonic() < next_look:
+                    continue
+            else:
+                measures.append(report_fraction(fields, work))
+                fields = {}
+        if raw == b"" or time.monotonic() >= next_look:
+            measures.append(counter.fraction())
+            next_look = time.monotonic() + poll_s
+        best = max((m for m in measures if m is not None), default=None)
+        if best is not None and best > done:
+            done = best
+            report(done)
+
+
 def run_ffmpeg(
     ffmpeg: str,
     args: list[str],
     cwd: Path,
     *,
-    duration_s: float | None = None,
+    work: EncodeWork | None = None,
     progress: Progress = no_progress,
     band: tuple[float, float] = (0.0, 1.0),
+    poll_s: float | None = None,
 ) -> None:
-    """Run ffmpeg in ``cwd``; with ``duration_s``, report ``progress("encode", …)`` from its
-    ``-progress pipe:1`` ``out_time_us`` lines mapped into ``band``. A non-zero exit raises
-    :class:`PermanentFault` when ffmpeg blames its input, else :class:`FfmpegFailed`."""
+    """Run ffmpeg in ``cwd``. With ``work``, report ``progress("encode", …)`` mapped into
+    ``band``: at once at the band's start, then as the ``-progress pipe:1`` reports (their
+    ``frame=`` counter, else their output time) and the segments written (looked for every
+    ``poll_s``, default :data:`PROGRESS_POLL_S`) advance — whichever is further — and the
+    band's end when ffmpeg succeeds (see :class:`EncodeWork` for why both). A non-zero exit
+    raises :class:`PermanentFault` when ffmpeg blames its input, else :class:`FfmpegFailed`.
+    An exception from ``progress`` (a cancelled job) kills ffmpeg and propagates."""
     low, high = band
+    poll = PROGRESS_POLL_S if poll_s is None else poll_s
     stderr: list[bytes] = []
+    lines: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def report(done: float) -> None:
+        progress("encode", low + (high - low) * done)
+
     with subprocess.Popen(
         [ffmpeg, *args],
         cwd=cwd,
@@ -635,26 +797,29 @@ def run_ffmpeg(
         # another worker redoes the job. Only async-signal-safe work happens in the child.
         preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
     ) as process:
+        with contextlib.suppress(OSError):  # a lecture is background work (see the constant)
+            os.setpriority(os.PRIO_PROCESS, process.pid, FFMPEG_NICENESS)
         assert process.stdout is not None
         assert process.stderr is not None
         drainer = threading.Thread(target=_drain, args=(process.stderr, stderr), daemon=True)
         drainer.start()
+        reader = threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True)
+        reader.start()
         try:
-            last = -1.0
-            for raw in process.stdout:
-                key, _, value = raw.decode("ascii", "replace").strip().partition("=")
-                if key == "out_time_us" and duration_s and value.lstrip("-").isdigit():
-                    done = min(1.0, max(0.0, int(value) / 1e6 / duration_s))
-                    if done - last >= 0.01:
-                        last = done
-                        progress("encode", low + (high - low) * done)
+            if work is not None:
+                report(0.0)
+                _follow_progress(lines, work, SegmentCounter(cwd, work), report, poll)
+            else:
+                while lines.get() is not None:
+                    pass
         except BaseException:
             process.kill()  # a cancelled job (progress raised) must not wait for ffmpeg
             raise
         code = process.wait()
+        reader.join()
         drainer.join()
-    if code == 0 and duration_s:
-        progress("encode", high)
+    if code == 0 and work is not None:
+        report(1.0)
     message = b"".join(stderr).decode("utf-8", "replace").strip()
     if code == 0:
         return
@@ -739,9 +904,14 @@ def run(
         args = encode_args(
             src, info, plan, settings, codecs, with_audio=index == 0, with_thumbs=index == 0
         )
+        playlists = [rung.name for rung in plan.rungs_of(codecs)]
+        if index == 0 and plan.audio:
+            playlists.append(AUDIO_NAME)
+        work = EncodeWork(plan.duration_s, plan.frame_rate, tuple(playlists), settings.segment_s)
         band = (position, position + width)
-        run_ffmpeg(ffmpeg, args, out_dir, duration_s=plan.duration_s, progress=progress, band=band)
+        run_ffmpeg(ffmpeg, args, out_dir, work=work, progress=progress, band=band)
         position += width
+    progress("poster", position)
     run_ffmpeg(ffmpeg, poster_args(src, info, plan, settings), out_dir)
     progress("package", 0.95)
     outputs = package(out_dir, plan)
@@ -754,6 +924,13 @@ def run_for_job(
 ) -> Outputs:
     """:func:`run` with the settings a job carries as JSON (see :func:`settings_from_job`)."""
     return run(source, out_dir, settings_from_job(settings), progress)
+
+
+FFMPEG_NICENESS = 10
+"""Lecture encodes run at this CPU niceness: minutes of background work that must not slow a
+question bank's or an image's processing beside it on the same worker (their queues are apart,
+:class:`transcode.jobs.TranscodeQueues`, but the cores are shared), nor the origin or edge on
+the same machine."""
 
 
 def _die_with_parent() -> None:
