@@ -16,7 +16,8 @@ following the purge stream. Students are reading the bank: before each round eve
    while a lecture transcodes on the same worker (default concurrency), alternating new versions;
    goal: busy / idle <= 1.1x (medians).
 
-    .venv/bin/python bench/publish.py [--rounds 50] [--bundle-rounds 5] [--output PATH]
+    .venv/bin/python bench/publish.py [--rounds 50] [--bundle-rounds 5] [--skip-loop]
+                                      [--skip-beside] [--output PATH]
 """
 
 from __future__ import annotations
@@ -285,6 +286,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--bundle-rounds", type=int, default=5)
     parser.add_argument("--skip-beside", action="store_true")
+    parser.add_argument("--skip-loop", action="store_true")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kshipra-publish-") as tmp:
@@ -295,8 +297,9 @@ def main() -> None:
         fleet = Fleet(work, f"redis://127.0.0.1:{port}/0")
         try:
             results: dict[str, Any] = {"load_average_start": list(os.getloadavg())}
-            results["loop"] = publish_and_purge(fleet, args.rounds)
-            print(json.dumps(results["loop"], indent=1), flush=True)
+            if not args.skip_loop:
+                results["loop"] = publish_and_purge(fleet, args.rounds)
+                print(json.dumps(results["loop"], indent=1), flush=True)
             if not args.skip_beside:
                 results["beside_lecture"] = bundle_beside_lecture(fleet, args.bundle_rounds)
                 print(json.dumps(results["beside_lecture"], indent=1), flush=True)
