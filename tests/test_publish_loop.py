@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from tests.conftest import (
-    UPLOAD_TOKEN,
     OriginProcess,
     bundle_bytes,
     child_env,
@@ -31,15 +30,7 @@ from tests.conftest import (
     wait_for_http,
 )
 from tests.test_dev import read_until
-from tests.test_worker import make_clip
-
-
-def api(url: str, *, method: str = "GET", body: bytes | None = None) -> Any:
-    request = urllib.request.Request(
-        url, data=body, method=method, headers={"Authorization": f"Bearer {UPLOAD_TOKEN}"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
+from tests.test_worker import api, make_clip
 
 
 def fetch(url: str) -> tuple[dict[str, Any], str]:
