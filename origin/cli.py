@@ -204,6 +204,16 @@ def upload_command(
     token = os.environ.get("KSHIPRA_UPLOAD_TOKEN")
     base_url = origin_url or default_origin_url()
 
+    async def send(client: OriginClient, listener: TransferListener) -> UploadReport:
+        return await client.upload(
+            path,
+            kind=kind,
+            asset_id=asset_id,
+            tags=list(tags),
+            listener=listener,
+            max_rate_bytes_per_s=rate,
+        )
+
     async def main() -> UploadReport:
         async with OriginClient(base_url, token) as client:
             if terminal.interactive:
@@ -211,14 +221,7 @@ def upload_command(
             plain = PlainProgress(terminal, path.name, progress_interval)
             ticker = asyncio.create_task(plain.run())
             try:
-                report = await client.upload(
-                    path,
-                    kind=kind,
-                    asset_id=asset_id,
-                    tags=list(tags),
-                    listener=plain,
-                    max_rate_bytes_per_s=rate,
-                )
+                report = await send(client, plain)
                 if wait:
                     version = int(report.asset["newest_version"])
                     report.asset = await _wait_published(client, report.asset["id"], version, plain)
@@ -238,14 +241,7 @@ def upload_command(
         )
         with Progress(*columns, console=terminal.err, transient=False) as progress:
             listener: TransferListener = ProgressListener(progress, f"upload {path.name}")
-            report = await client.upload(
-                path,
-                kind=kind,
-                asset_id=asset_id,
-                tags=list(tags),
-                listener=listener,
-                max_rate_bytes_per_s=rate,
-            )
+            report = await send(client, listener)
         if wait:
             version = int(report.asset["newest_version"])
             with Progress(
