@@ -444,12 +444,7 @@ class Edge:
             if decision == "fresh":
                 self.metrics.hit()
                 return await self.deliver(request, hit, status=f"hit; ttl={int(freshness.ttl_s)}")
-            if decision == "stale-while-revalidate" and not (
-                hit.meta.soft_purged and self.from_fleet(request)
-            ):
-                # purge: a shield never answers a child edge from an object a purge ended
-                # (its Age is small: the child would store it as fresh and undo the purge
-                # for a whole TTL); it revalidates first, collapsed, like any stale miss.
+            if decision == "stale-while-revalidate":
                 self.metrics.stale()
                 self.refresh_in_background(request, target, key)
                 return await self.deliver(request, hit, status=f"hit; ttl={int(freshness.ttl_s)}")

@@ -2,8 +2,9 @@
 endpoint, and the consumer of the fleet's purge stream.
 
 A purge names a URL (every variant, encoding and slice of it), a prefix of URLs, or a cache tag
-(from the origin's ``Surrogate-Key``), and is *soft* (mark stale: served while it revalidates
-with its stored ETag, so an unchanged object costs a 304) or *hard* (remove).
+(from the origin's ``Surrogate-Key``), and is *soft* (mark stale: revalidated with its stored
+ETag before it is next served, so an unchanged object costs a 304, and served as it was only if
+upstream fails; see :func:`edge.rfc9111.reuse`) or *hard* (remove).
 
 Applying is a scan of the tiers' metadata — no tag index to keep consistent with evictions,
 promotions and other workers' disk stores. A batch of purges is applied in one scan: hard wins

@@ -461,10 +461,15 @@ def reuse(freshness: Freshness, request: RequestControls) -> Reuse:
         return "fresh"
     if freshness.must_revalidate:
         return "must-validate"
+    if freshness.soft_purged:
+        # A soft purge ends the object's use until it is revalidated (a 304 keeps it cheap):
+        # served stale, the first student after a publish would get the old version. Only an
+        # upstream failure may still bring it out (stale-if-error).
+        return "stale-if-error-only"
     staleness = max(0.0, freshness.staleness_s)
     if request.max_stale is not None and staleness <= request.max_stale:
         return "fresh"
-    if freshness.soft_purged or staleness <= freshness.stale_while_revalidate_s:
+    if staleness <= freshness.stale_while_revalidate_s:
         return "stale-while-revalidate"
     return "must-validate"
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import brotli
 import pytest
 
 from tests.conftest import (
@@ -37,6 +38,15 @@ def fetch(url: str) -> tuple[dict[str, Any], str]:
     """(the JSON body, Cache-Status) of a GET."""
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read()), response.headers.get("Cache-Status", "")
+
+
+def fetch_br(url: str) -> tuple[dict[str, Any], str]:
+    """(the JSON body, Cache-Status) of a GET that takes Brotli only."""
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "br"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.headers["Content-Encoding"] == "br"
+        body = brotli.decompress(response.read())
+        return json.loads(body), response.headers.get("Cache-Status", "")
 
 
 def first_stem(document: dict[str, Any]) -> str:
@@ -207,6 +217,8 @@ def test_the_dev_stack_edge_follows_publishes_and_purges(tmp_path: Path) -> None
         fetch(sample)
         before, status = fetch(sample)
         assert "hit" in status
+        fetch_br(sample)
+        assert "hit" in fetch_br(sample)[1]
         origin = f"http://127.0.0.1:{port}"
         upload = run_kshipra(
             "upload", str(sample_v2(tmp_path / "bank.json")), "--id", "sample-chem-mole",
@@ -219,6 +231,10 @@ def test_the_dev_stack_edge_follows_publishes_and_purges(tmp_path: Path) -> None
             what="the dev edge serving the new version",
         )
         assert first_stem(before) != first_stem(fetch(sample)[0])
+        # The Brotli copy, cached before the publish and not asked for since: its first
+        # request after the purge is already the new version (revalidated, never served old).
+        document, status = fetch_br(sample)
+        assert first_stem(document).endswith("(revised)"), status
         path = sample.removeprefix(edge)
         purge = run_kshipra("purge", "--url", path, KSHIPRA_ORIGIN_URL=origin)
         assert purge.returncode == 0, purge.stdout + purge.stderr

@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from edge.rfc9111 import MAX_DELTA_SECONDS, age_seconds, initial_age_s
+from edge.rfc9111 import (
+    MAX_DELTA_SECONDS,
+    Freshness,
+    RequestControls,
+    age_seconds,
+    initial_age_s,
+    reuse,
+)
 from tests.edge_fixtures import ScriptedOrigin
 
 
@@ -47,3 +54,36 @@ async def test_a_list_based_age_over_the_lifetime_is_stale_through_the_edge(
         assert await response.read() == b"o"
         assert "hit" not in response.headers["Cache-Status"]
     assert origin.count("/old") == 2
+
+
+def freshness(*, age_s: float, soft_purged: bool = False) -> Freshness:
+    return Freshness(
+        lifetime_s=60,
+        age_s=age_s,
+        stale_while_revalidate_s=600,
+        stale_if_error_s=86_400,
+        must_revalidate=False,
+        no_cache=False,
+        soft_purged=soft_purged,
+    )
+
+
+@pytest.mark.parametrize(
+    ("stored", "controls", "expected"),
+    [
+        (freshness(age_s=10), RequestControls(), "fresh"),
+        (freshness(age_s=100), RequestControls(), "stale-while-revalidate"),
+        (freshness(age_s=1000), RequestControls(), "must-validate"),
+        # A soft purge: revalidated before use, whatever the age or window; only an
+        # upstream failure may bring the old copy out.
+        (freshness(age_s=10, soft_purged=True), RequestControls(), "stale-if-error-only"),
+        (freshness(age_s=100, soft_purged=True), RequestControls(), "stale-if-error-only"),
+        (
+            freshness(age_s=10, soft_purged=True),
+            RequestControls(max_stale=MAX_DELTA_SECONDS),
+            "stale-if-error-only",
+        ),
+    ],
+)
+def test_reuse(stored: Freshness, controls: RequestControls, expected: str) -> None:
+    assert reuse(stored, controls) == expected
