@@ -416,9 +416,15 @@ class Edge:
         await self._catch_up_with_child(request)  # purge
         if request.method in ("GET", "HEAD"):
             return await self.cacheable(request, target)
-        if request.method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
-            return await self.pass_unsafe(request, target)
-        return error_response(501, f"method {request.method} is not supported here")
+        if request.method in ("CONNECT", "TRACE"):
+            # No tunnels through a reverse proxy; TRACE would echo students' headers
+            # (cookies, tokens) to a script that can make one (cross-site tracing).
+            return error_response(
+                405, f"method {request.method} is not allowed here", Allow="GET, HEAD"
+            )
+        # RFC 9110 §9.1: a proxy forwards methods it does not know (M-SEARCH, WebDAV, ...),
+        # uncached, and treats them as unsafe (RFC 9111 §4.4 invalidation).
+        return await self.pass_unsafe(request, target)
 
     async def _catch_up_with_child(self, request: web.Request) -> None:
         """purge: a child edge that applied a purge we have not must not refill from us what

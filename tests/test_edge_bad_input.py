@@ -544,3 +544,35 @@ async def test_uncacheable_urls_are_remembered_within_a_bound(
     [line] = [x for x in metrics.splitlines() if x.startswith("kshipra_edge_hit_for_miss_keys ")]
     assert 0 < float(line.split()[1]) <= 50
     await assert_still_serving(edge)
+
+
+@pytest.mark.parametrize("method", ["M-SEARCH", "PROPFIND", "PURGE", "LINK"])
+async def test_extension_methods_are_forwarded_and_invalidate(
+    upstream: Upstream, make_edge: Any, method: str
+) -> None:
+    """RFC 9110 §9.1: a proxy forwards a method it does not know; RFC 9111 §4.4: a
+    successful unknown (so unsafe) method invalidates the stored target."""
+    origin, _ = upstream
+    origin.script("/page", headers=CACHEABLE, body=PAGE)
+    edge = await make_edge()
+    await (await edge.get("/page")).read()
+    answer = await exchange(
+        edge, request_bytes("/page", "Content-Length: 2", method=method) + b"hi"
+    )
+    assert answer.status == 200, answer.status_line
+    assert [seen.path for seen in origin.seen] == ["/page", "/page"]
+    refetched = await edge.get("/page")
+    assert "hit" not in cache_status(refetched)
+    assert origin.count("/page") == 3
+
+
+@pytest.mark.parametrize("method", ["TRACE", "CONNECT"])
+async def test_trace_and_connect_are_refused(
+    upstream: Upstream, make_edge: Any, method: str
+) -> None:
+    origin, _ = upstream
+    edge = await make_edge()
+    answer = await exchange(edge, request_bytes("/page", method=method))
+    # CONNECT's target is an authority, so aiohttp's router finds no route (404) for it.
+    assert answer.status in ((405,) if method == "TRACE" else (404, 405)), answer.status_line
+    assert origin.seen == []
