@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import format_datetime, parsedate_to_datetime
+from email.utils import format_datetime
 from typing import Literal
 
 IMMUTABLE_TTL_S = 31_536_000
@@ -27,18 +27,61 @@ def format_http_date(moment: datetime) -> str:
     return format_datetime(moment.astimezone(UTC).replace(microsecond=0), usegmt=True)
 
 
-def parse_http_date(value: str | None) -> datetime | None:
-    """An HTTP-date, or ``None`` when absent or invalid (RFC 9110 §5.6.7: recipients ignore
-    invalid dates in conditionals)."""
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MONTH = "(" + "|".join(_MONTHS) + ")"
+_TIME = r"(\d{2}):(\d{2}):(\d{2})"
+_IMF_FIXDATE = re.compile(
+    rf"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), (\d{{2}}) {_MONTH} (\d{{4}}) {_TIME} GMT", re.ASCII
+)
+_RFC850_DATE = re.compile(
+    rf"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), (\d{{2}})-{_MONTH}-"
+    rf"(\d{{2}}) {_TIME} GMT",
+    re.ASCII,
+)
+_ASCTIME_DATE = re.compile(
+    rf"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) {_MONTH} ( \d|\d{{2}}) {_TIME} (\d{{4}})", re.ASCII
+)
+
+
+def parse_http_date(value: str | None, *, now: datetime | None = None) -> datetime | None:
+    """An HTTP-date, or ``None`` when absent or invalid. RFC 9110 §5.6.7 allows three forms
+    only, case-sensitive: IMF-fixdate (``Sun, 06 Nov 1994 08:49:37 GMT``), the obsolete RFC 850
+    form (``Sunday, 06-Nov-94 08:49:37 GMT``; a two-digit year more than 50 years ahead of *now*
+    is the most recent past year with those digits) and asctime
+    (``Sun Nov  6 08:49:37 1994``). Other zones, dashes in IMF dates, missing commas, two-digit
+    years elsewhere and extra spaces are invalid: recipients then ignore a conditional, and
+    an invalid ``Expires`` means already expired (RFC 9111 §5.3). A leap second (60) counts as
+    59."""
     if not value:
         return None
-    try:
-        parsed = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    text = value.strip(" \t")
+    year: int
+    if match := _IMF_FIXDATE.fullmatch(text):
+        day, month, year_text, hour, minute, second = match.groups()
+        year = int(year_text)
+    elif match := _RFC850_DATE.fullmatch(text):
+        day, month, year_text, hour, minute, second = match.groups()
+        this_year = (now or datetime.now(UTC)).year
+        year = this_year - this_year % 100 + int(year_text)
+        if year > this_year + 50:
+            year -= 100
+    elif match := _ASCTIME_DATE.fullmatch(text):
+        month, day, hour, minute, second, year_text = match.groups()
+        year = int(year_text)
+    else:
         return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed
+    try:
+        return datetime(
+            year,
+            _MONTHS.index(month) + 1,
+            int(day),
+            int(hour),
+            int(minute),
+            min(int(second), 59),
+            tzinfo=UTC,
+        )
+    except ValueError:
+        return None
 
 
 _ETAG_RE = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')

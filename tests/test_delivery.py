@@ -473,7 +473,42 @@ def test_parse_http_date_accepts_the_three_formats(text: str) -> None:
         "Tue, 05 Mar 2024 25:20:30 GMT",
         "2024-03-05T10:20:30Z",
         "1709634030",
+        # RFC 9110 §5.6.7 allows three forms only (email.utils took all of these):
+        "Sun, 06 Nov 1994 08:49:37 UTC",
+        "Sun, 06 Nov 1994 08:49:37 +0000",
+        "Sun, 06 Nov 1994 18:49:37 AEST",
+        "Sun, 06 Nov 94 08:49:37 GMT",  # two-digit year in an IMF-fixdate
+        "Sun, 06-Nov-1994 08:49:37 GMT",  # dashes in an IMF-fixdate
+        "Sun 06 Nov 1994 08:49:37 GMT",  # no comma
+        "Sun,  06 Nov 1994 08:49:37 GMT",  # two spaces
+        "sun, 06 nov 1994 08:49:37 gmt",  # case-sensitive
+        "Sun, 6 Nov 1994 08:49:37 GMT",  # one-digit day
+        "Sun, 06 Nov 1994 8:49:37 GMT",
+        "Sunday, 06-Nov-1994 08:49:37 GMT",  # RFC 850 has two digits
+        "Sun, 06 Nov 1994 08:49:37 GMT junk",
+        "Sun, \uff10\uff16 Nov 1994 08:49:37 GMT",  # full-width digits
     ],
 )
 def test_parse_http_date_invalid_is_none(text: str | None) -> None:
     assert parse_http_date(text) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "year"),
+    [
+        ("Sunday, 06-Nov-94 08:49:37 GMT", 1994),
+        ("Wednesday, 06-Nov-30 08:49:37 GMT", 2030),  # 4 years ahead: not "in the future"
+        ("Friday, 06-Nov-76 08:49:37 GMT", 2076),  # 50 years ahead: still ahead
+        ("Monday, 06-Nov-77 08:49:37 GMT", 1977),  # more than 50: the past
+    ],
+)
+def test_rfc850_two_digit_years(text: str, year: int) -> None:
+    parsed = parse_http_date(text, now=datetime(2026, 12, 4, tzinfo=UTC))
+    assert parsed is not None
+    assert parsed.year == year
+
+
+def test_a_leap_second_counts_as_59() -> None:
+    assert parse_http_date("Sat, 31 Dec 2016 23:59:60 GMT") == datetime(
+        2016, 12, 31, 23, 59, 59, tzinfo=UTC
+    )

@@ -87,3 +87,18 @@ def freshness(*, age_s: float, soft_purged: bool = False) -> Freshness:
 )
 def test_reuse(stored: Freshness, controls: RequestControls, expected: str) -> None:
     assert reuse(stored, controls) == expected
+
+
+async def test_an_expires_in_a_form_http_does_not_allow_is_already_expired(
+    upstream: tuple[ScriptedOrigin, TestServer], make_edge: Any
+) -> None:
+    """RFC 9110 §5.6.7 + RFC 9111 §5.3: ``UTC`` is not an HTTP-date zone, so this Expires is
+    invalid, and an invalid Expires means already expired."""
+    origin, _ = upstream
+    origin.script("/e", headers={"Expires": "Sun, 06 Nov 2099 08:49:37 UTC"}, body=b"e")
+    edge = await make_edge()
+    for _ in range(2):
+        response = await edge.get("/e")
+        assert await response.read() == b"e"
+        assert "hit" not in response.headers["Cache-Status"]
+    assert origin.count("/e") == 2
