@@ -155,11 +155,14 @@ class EntryMeta:
 
     @cached_property
     def varies_on_encoding(self) -> bool:
-        """Its delivery depends on the client's ``Accept-Encoding`` (``Vary`` says so)."""
-        return is_compressible(self.header("content-type")) and self.header("content-encoding") in (
-            None,
-            "br",
-            "gzip",
+        """Its delivery depends on the client's ``Accept-Encoding`` (``Vary`` says so): the edge
+        makes encoded copies of it, or it is such a copy (or upstream's). A response the edge
+        never encodes (too small, too large, not text) carries no ``Vary`` from the edge: Vary
+        names only what chose the representation (RFC 9110 §12.5.5)."""
+        if self.encodable:
+            return True
+        return self.header("content-encoding") in ("br", "gzip") and is_compressible(
+            self.header("content-type")
         )
 
     def freshness(self, now: float) -> Freshness:

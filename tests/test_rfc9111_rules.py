@@ -102,3 +102,24 @@ async def test_an_expires_in_a_form_http_does_not_allow_is_already_expired(
         assert await response.read() == b"e"
         assert "hit" not in response.headers["Cache-Status"]
     assert origin.count("/e") == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "vary"),
+    [
+        (b'{"a": 1}', False),  # under the compression threshold: never encoded here
+        (b'{"a": "' + b"x" * 4000 + b'"}', True),  # encoded copies are made: Vary says so
+    ],
+)
+async def test_vary_accept_encoding_only_where_the_edge_encodes(
+    upstream: tuple[ScriptedOrigin, TestServer], make_edge: Any, body: bytes, vary: bool
+) -> None:
+    origin, _ = upstream
+    origin.script(
+        "/j", headers={"Cache-Control": "max-age=60", "Content-Type": "application/json"}, body=body
+    )
+    edge = await make_edge()
+    for _ in range(2):  # the miss and the (express) hit
+        response = await edge.get("/j", headers={"Accept-Encoding": "identity"})
+        assert await response.read() == body
+        assert ("Accept-Encoding" in response.headers.get("Vary", "")) is vary
