@@ -12,6 +12,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from http_sfv.dictionary import Dictionary as SfvDictionary
+from http_sfv.item import Item as SfvItem
+
 from origin.delivery import parse_http_date
 
 Headers = Sequence[tuple[str, str]]
@@ -175,9 +178,41 @@ class ResponseControls:
     from_cdn_header: bool
 
 
+_DELTA_DIRECTIVES = frozenset({"max-age", "s-maxage", "stale-while-revalidate", "stale-if-error"})
+_FIELD_LIST_DIRECTIVES = frozenset({"no-cache", "private"})
+
+
+def parse_cdn_directives(values: Sequence[str]) -> Directives | None:
+    """``CDN-Cache-Control`` (RFC 9213 §2.1): a structured-field Dictionary (RFC 8941), parsed
+    by http-sfv. ``None`` when the field is absent or is not a valid Dictionary: then the whole
+    field is ignored and Cache-Control governs (§2.2). A directive whose value has the wrong
+    type (``max-age=1.5``, ``max-age="60"``, ``no-store=?0``, an inner list) is not consumed
+    (§2.1), rather than read the way a lenient Cache-Control parser would."""
+    if not values:
+        return None
+    field = SfvDictionary()
+    try:
+        field.parse(", ".join(values).encode("latin-1"))
+    except (ValueError, UnicodeEncodeError):
+        return None
+    items: dict[str, str | None] = {}
+    for name, member in field.items():
+        if not isinstance(member, SfvItem):
+            continue  # an inner list: no cache directive takes one
+        value = member.value
+        if name in _DELTA_DIRECTIVES:
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                items[name] = str(min(value, MAX_DELTA_SECONDS))
+        elif value is True:
+            items[name] = None
+        elif name in _FIELD_LIST_DIRECTIVES and isinstance(value, str):
+            items[name] = value
+    return Directives(items) if field else None
+
+
 def response_controls(headers: Headers) -> ResponseControls:
-    cdn = parse_directives(get_all(headers, "cdn-cache-control"))
-    if cdn:
+    cdn = parse_cdn_directives(get_all(headers, "cdn-cache-control"))
+    if cdn is not None:
         return ResponseControls(cdn, True)
     return ResponseControls(parse_directives(get_all(headers, "cache-control")), False)
 

@@ -13,6 +13,7 @@ from edge.rfc9111 import (
     RequestControls,
     age_seconds,
     initial_age_s,
+    parse_cdn_directives,
     reuse,
 )
 from tests.edge_fixtures import ScriptedOrigin
@@ -123,3 +124,58 @@ async def test_vary_accept_encoding_only_where_the_edge_encodes(
         response = await edge.get("/j", headers={"Accept-Encoding": "identity"})
         assert await response.read() == body
         assert ("Accept-Encoding" in response.headers.get("Vary", "")) is vary
+
+
+@pytest.mark.parametrize(
+    ("cdn", "expected"),
+    [
+        ([], None),  # absent: Cache-Control governs
+        (["max-age=60"], {"max-age": "60"}),
+        (["max-age=60, public"], {"max-age": "60", "public": None}),
+        (["max-age=60", "stale-if-error=30"], {"max-age": "60", "stale-if-error": "30"}),
+        (["max-age=60;x=1"], {"max-age": "60"}),  # parameters are not directives
+        (['private="set-cookie"'], {"private": "set-cookie"}),
+        (["none"], {"none": None}),  # RFC 9213 §3.1: a valid field with no known directive
+        # A valid Dictionary whose members have the wrong type: not consumed (§2.1).
+        (["max-age=1.5"], {}),
+        (['max-age="60"'], {}),
+        (["max-age=-1"], {}),
+        (["no-store=?0"], {}),
+        (["max-age=(1 2)"], {}),
+        # Not a Dictionary at all: the whole field is ignored (§2.2).
+        (["max-age=60 60"], None),
+        (["MAX-AGE=60"], None),
+        (["max-age=60,"], None),
+        (["max-age=60; no-store"], {"max-age": "60"}),  # ';' starts a parameter
+        (["max-age==60"], None),
+    ],
+)
+def test_cdn_cache_control_is_a_structured_field(
+    cdn: list[str], expected: dict[str, str | None] | None
+) -> None:
+    parsed = parse_cdn_directives(cdn)
+    assert (None if parsed is None else dict(parsed.items)) == expected
+
+
+async def test_an_invalid_cdn_cache_control_falls_back_to_cache_control(
+    upstream: tuple[ScriptedOrigin, TestServer], make_edge: Any
+) -> None:
+    """A lenient reading of ``max-age=600 600`` would store the object for 10 minutes; the
+    field is not a valid Dictionary, so the edge follows Cache-Control (no-store)."""
+    origin, _ = upstream
+    origin.script(
+        "/c",
+        headers={"Cache-Control": "no-store", "CDN-Cache-Control": "max-age=600 600"},
+        body=b"c",
+    )
+    origin.script(
+        "/ok",
+        headers={"Cache-Control": "no-store", "CDN-Cache-Control": "max-age=600"},
+        body=b"k",
+    )
+    edge = await make_edge()
+    for _ in range(2):
+        assert "hit" not in (await edge.get("/c")).headers["Cache-Status"]
+    assert origin.count("/c") == 2
+    await (await edge.get("/ok")).read()
+    assert "hit" in (await edge.get("/ok")).headers["Cache-Status"]
