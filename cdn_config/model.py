@@ -209,6 +209,8 @@ class EdgeConfig(_Section):
     slice_bytes: PositiveByteSize = 8 * 1024**2
     upstream_timeout_s: float = Field(default=30.0, gt=0)
     max_upstream_connections: int = Field(default=64, gt=0)
+    stale_if_unreachable_s: float = Field(default=3600.0, ge=0)
+    """Serve a stored response up to this stale when upstream cannot be reached at all."""
     proxy_prefixes: tuple[str, ...] = ("/content/",)
     """Paths the edge proxies; anything else is a 404 from the edge, and the origin's
     ``/v1/`` control API never passes whatever this says."""

@@ -73,6 +73,7 @@ from edge.rfc9111 import (
     get_one,
     headers_to_store,
     may_serve_stale_on_error,
+    may_serve_stale_when_unreachable,
     request_controls,
     reuse,
     split_list,
@@ -151,6 +152,10 @@ class EdgeSettings:
     upstream_timeout_s: float = 30.0
     max_upstream_connections: int = 64
     hit_for_miss_s: float = 120.0
+    stale_if_unreachable_s: float = 3600.0
+    """Serve a stored response up to this stale when upstream cannot be reached at all, even
+    without ``stale-if-error`` (see :func:`edge.rfc9111.may_serve_stale_when_unreachable`);
+    ``0`` turns it off."""
     hit_for_miss_max_keys: int = 10_000
     """At most this many URLs remembered as uncacheable: an attacker walking random 404s must
     not grow the edge without bound (about 150 B each)."""
@@ -200,6 +205,8 @@ class ErrorAnswer:
 Outcome = Stored | Refreshed | Passed | ErrorAnswer
 
 
+_UNREACHABLE = frozenset({"refused", "timeout", "protocol"})
+"""The :class:`ErrorAnswer` details of a fetch that never got an answer from upstream."""
 CONTROL_PREFIX = "/v1/"
 """The origin's control API (uploads, jobs, purges): never reachable through an edge."""
 
@@ -557,15 +564,20 @@ class Edge:
                 )
             return await self.pass_get(request, target, fwd=fwd)
         # ErrorAnswer: stale-if-error, or the error for everyone.
-        if stale is not None and may_serve_stale_on_error(
-            stale.meta.freshness(time.time()), controls
-        ):
-            self.metrics.stale()
-            return await self.deliver(
-                request,
-                stale,
-                status=f"fwd={fwd}; fwd-status={outcome.status}; detail=stale-if-error",
-            )
+        if stale is not None:
+            freshness = stale.meta.freshness(time.time())
+            why = None
+            if may_serve_stale_on_error(freshness, controls):
+                why = "stale-if-error"
+            elif outcome.detail in _UNREACHABLE and may_serve_stale_when_unreachable(
+                freshness, self.settings.stale_if_unreachable_s
+            ):
+                why = "stale-if-unreachable"
+            if why is not None:
+                self.metrics.stale()
+                return await self.deliver(
+                    request, stale, status=f"fwd={fwd}; fwd-status={outcome.status}; detail={why}"
+                )
         headers = CIMultiDict(outcome.headers)
         detail = re.sub(r"[^A-Za-z0-9-]", "-", outcome.detail)[:40]
         headers["Cache-Status"] = (

@@ -37,6 +37,7 @@ def settings_from_config(config: KshipraConfig, name: str) -> tuple[EdgeSettings
         upstream_timeout_s=edge.upstream_timeout_s,
         max_upstream_connections=edge.max_upstream_connections,
         proxied_prefixes=edge.proxy_prefixes,
+        stale_if_unreachable_s=edge.stale_if_unreachable_s,
         purge_token=config.secrets.purge_token,
         # purge: follow the purge stream unless Redis is the origin's embedded child server
         redis_url=None if config.redis.url == "embedded" else config.redis.url,

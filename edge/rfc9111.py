@@ -518,6 +518,17 @@ def may_serve_stale_on_error(freshness: Freshness, request: RequestControls) -> 
     return staleness <= allowance
 
 
+def may_serve_stale_when_unreachable(freshness: Freshness, grace_s: float) -> bool:
+    """The edge's own grace (Varnish's grace, a CDN's always-online): when upstream cannot be
+    reached at all (refused, timed out, the connection dropped), a stored response up to
+    *grace_s* stale is better than an error for a student, even without ``stale-if-error``;
+    never past ``must-revalidate`` or ``no-cache``. Upstream 5xx answers are not covered: the
+    origin spoke, and ``stale-if-error`` says whether it allows that."""
+    if freshness.must_revalidate or freshness.no_cache:
+        return False
+    return max(0.0, freshness.staleness_s) <= grace_s
+
+
 # ---- validation (RFC 9111 §4.3) ----------------------------------------------------------------
 
 

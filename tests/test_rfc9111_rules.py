@@ -13,6 +13,7 @@ from edge.rfc9111 import (
     RequestControls,
     age_seconds,
     initial_age_s,
+    may_serve_stale_when_unreachable,
     parse_cdn_directives,
     reuse,
 )
@@ -179,3 +180,51 @@ async def test_an_invalid_cdn_cache_control_falls_back_to_cache_control(
     assert origin.count("/c") == 2
     await (await edge.get("/ok")).read()
     assert "hit" in (await edge.get("/ok")).headers["Cache-Status"]
+
+
+@pytest.mark.parametrize(
+    ("stored", "grace_s", "expected"),
+    [
+        (freshness(age_s=100), 3600, True),
+        (freshness(age_s=4000), 3600, False),
+        (freshness(age_s=100), 0, False),
+        (freshness(age_s=100, soft_purged=True), 3600, True),
+        (
+            Freshness(
+                lifetime_s=60,
+                age_s=100,
+                stale_while_revalidate_s=0,
+                stale_if_error_s=0,
+                must_revalidate=True,
+                no_cache=False,
+            ),
+            3600,
+            False,
+        ),
+    ],
+)
+def test_stale_when_unreachable(stored: Freshness, grace_s: float, expected: bool) -> None:
+    assert may_serve_stale_when_unreachable(stored, grace_s) is expected
+
+
+@pytest.mark.parametrize(("grace_s", "served"), [(3600.0, True), (0.0, False)])
+async def test_an_unreachable_origin_gets_stale_content_within_the_grace(
+    upstream: tuple[ScriptedOrigin, TestServer], make_edge: Any, grace_s: float, served: bool
+) -> None:
+    """No stale-if-error from the origin: a dropped connection still gets the stored copy
+    (the default grace), not a 502, for a student who was reading it."""
+    origin, _ = upstream
+    script = origin.script("/g", headers={"Cache-Control": "max-age=1", "Age": "5"}, body=b"g")
+    edge = await make_edge(stale_if_unreachable_s=grace_s)
+    await (await edge.get("/g")).read()
+    script.drop_connection = True
+    response = await edge.get("/g")
+    if served:
+        assert response.status == 200
+        assert await response.read() == b"g"
+        assert "detail=stale-if-unreachable" in response.headers["Cache-Status"]
+    else:
+        assert response.status == 502
+    script.drop_connection = False
+    script.status = 503  # the origin answers: only stale-if-error could allow the old copy
+    assert (await edge.get("/g")).status == 503

@@ -795,10 +795,9 @@ def run_ffmpeg(
         stderr=subprocess.PIPE,
         # If the worker is SIGKILLed, its ffmpeg must not keep encoding as an orphan while
         # another worker redoes the job. Only async-signal-safe work happens in the child.
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+        # It also lowers its own CPU priority there, before it runs (see FFMPEG_NICENESS).
+        preexec_fn=_before_exec if sys.platform == "linux" else None,  # noqa: PLW1509
     ) as process:
-        with contextlib.suppress(OSError):  # a lecture is background work (see the constant)
-            os.setpriority(os.PRIO_PROCESS, process.pid, FFMPEG_NICENESS)
         assert process.stdout is not None
         assert process.stderr is not None
         drainer = threading.Thread(target=_drain, args=(process.stderr, stderr), daemon=True)
@@ -933,10 +932,13 @@ question bank's or an image's processing beside it on the same worker (their que
 the same machine."""
 
 
-def _die_with_parent() -> None:
-    """In the forked child, before exec: ask Linux to SIGKILL us when our parent dies."""
+def _before_exec() -> None:
+    """In the forked child, before exec: ask Linux to SIGKILL us when our parent dies, and
+    run at :data:`FFMPEG_NICENESS`."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, FFMPEG_NICENESS)
 
 
 _PR_SET_PDEATHSIG = 1
