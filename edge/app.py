@@ -345,7 +345,7 @@ class Edge:
             await self.purge_consumer.start()
         else:
             log.warning(
-                "%s: NO PURGES: this edge follows no purge stream (no Redis configured), so "
+                "%s receives NO PURGES: it follows no purge stream (no Redis configured), so "
                 "publishes and `kshipra purge` will not reach it; objects change here only "
                 "when their TTL runs out. Start it with --redis URL or a config with redis.url.",
                 self.settings.name,

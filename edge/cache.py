@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from edge.entry import VARIANT_SEP, EntryMeta
 from edge.keys import secondary_key
@@ -94,23 +94,18 @@ class TieredCache:
         size written (see :meth:`DiskTier.store`)."""
         if self.disk is None:
             return None
-        final: list[EntryMeta] = [meta]
-
-        def sized(size: int) -> dict[str, Any]:
-            assert meta_for_size is not None
-            final[0] = meta_for_size(size)
-            return final[0].to_dict()
-
         stored = await self.disk.store(
             key,
             meta.to_dict(),
             chunks,
             expected_size=expected_size,
-            meta_for_size=None if meta_for_size is None else sized,
+            meta_for_size=None if meta_for_size is None else lambda n: meta_for_size(n).to_dict(),
         )
         if stored is None:
             return None
-        return Hit(key, final[0], disk=stored)
+        if meta_for_size is not None:
+            meta = meta_for_size(stored.size_bytes)
+        return Hit(key, meta, disk=stored)
 
     async def update_meta(self, key: str, meta: EntryMeta) -> None:
         self.memory.update_meta(key, meta)

@@ -53,13 +53,7 @@ def _serve_one(settings: EdgeSettings, host: str, port: int, reuse_port: bool) -
             f"edge {settings.name} (pid {os.getpid()}) listening on {urls[0]}, "
             f"upstream {settings.upstream_url}"
         )
-        if settings.redis_url is None:
-            terminal.error(
-                f"edge {settings.name} receives NO PURGES: no Redis given, so publishes and "
-                "`kshipra purge` never reach it (objects change only when their TTL runs out); "
-                "add --redis redis://HOST:PORT or run it from a config with redis.url"
-            )
-        else:
+        if settings.redis_url is not None:  # without one, Edge.start has warned loudly
             terminal.info(f"edge {settings.name} follows the purge stream at {settings.redis_url}")
 
     run(serve_apps([(create_app(settings), host, port)], on_ready=ready, reuse_port=reuse_port))
