@@ -61,6 +61,7 @@ from edge.purge import (  # purge: stream consumer and operator endpoint
     Purge,
     PurgeConsumer,
     apply_purges,
+    bearer_check,
     purge_endpoint,
 )
 from edge.rfc9111 import (
@@ -1473,11 +1474,14 @@ async def metrics_handler(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     if request.remote not in _LOOPBACK:
         token = edge.settings.purge_token
-        offered = request.headers.get("Authorization", "")
-        scheme, _, value = offered.partition(" ")
-        if token is None or scheme.lower() != "bearer" or not value.strip():
+        checked = (
+            "missing"
+            if token is None
+            else bearer_check(request.headers.get("Authorization"), token)
+        )
+        if checked == "missing":
             return error_response(401, "metrics need a bearer token (the fleet's purge token)")
-        if not hmac.compare_digest(value.strip().encode(), token.encode()):
+        if checked == "wrong":
             return error_response(403, "wrong token for metrics")
     body, content_type = request.app[EDGE].metrics.render()
     return web.Response(body=body, headers={"Content-Type": content_type})

@@ -334,6 +334,15 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
     )
 
 
+def bearer_check(authorization: str | None, token: str) -> Literal["ok", "missing", "wrong"]:
+    """An ``Authorization: Bearer …`` field against *token* (the scheme is case-insensitive,
+    RFC 9110 §11.1; the comparison constant-time)."""
+    scheme, _, offered = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not offered.strip():
+        return "missing"
+    return "ok" if hmac.compare_digest(offered.strip().encode(), token.encode()) else "wrong"
+
+
 async def purge_endpoint(
     request: web.Request,
     *,
@@ -344,10 +353,10 @@ async def purge_endpoint(
     this edge now. Answers ``{"purges": n, "removed": n, "marked": n, "affected": n}``."""
     if token is None:
         return _error(404, "purging is disabled on this edge: no purge token is configured")
-    offered = request.headers.get("Authorization")
-    if offered is None or not offered.startswith("Bearer "):
+    checked = bearer_check(request.headers.get("Authorization"), token)
+    if checked == "missing":
         return _error(401, "a bearer token is required", **{"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(offered.removeprefix("Bearer ").strip().encode(), token.encode()):
+    if checked == "wrong":
         return _error(403, "the purge token is not valid")
     try:
         document = json.loads(await request.read())
