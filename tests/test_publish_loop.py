@@ -283,8 +283,11 @@ def ffmpeg_children_of_worker(marker: str) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            # The command line first: once it names ffmpeg the child has exec'd, so its
+            # niceness (set before exec) is final. Read the other way round, a stat taken
+            # between fork and exec would show the worker's niceness.
             cmdline = (entry / "cmdline").read_bytes()
+            stat = (entry / "stat").read_text()
             parent = int(stat.rpartition(")")[2].split()[1])
             parent_cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
         except (FileNotFoundError, ProcessLookupError, ValueError):

@@ -932,11 +932,16 @@ question bank's or an image's processing beside it on the same worker (their que
 the same machine."""
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+"""Loaded once in the worker, not in each forked child (dlopen between fork and exec is slow
+and not async-signal-safe)."""
+
+
 def _before_exec() -> None:
     """In the forked child, before exec: ask Linux to SIGKILL us when our parent dies, and
     run at :data:`FFMPEG_NICENESS`."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, 0, FFMPEG_NICENESS)
 
