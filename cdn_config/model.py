@@ -214,6 +214,19 @@ class EdgeConfig(_Section):
     proxy_prefixes: tuple[str, ...] = ("/content/",)
     """Paths the edge proxies; anything else is a 404 from the edge, and the origin's
     ``/v1/`` control API never passes whatever this says."""
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """A request head must arrive within this (a slowloris or silent socket is closed)."""
+    send_stall_s: float = Field(default=60.0, gt=0)
+    """A response the client stops reading for this long is abandoned."""
+    connections_per_client: int = Field(default=256, ge=0)
+    """Open connections per IPv4 address or IPv6 /64 (0: no cap); generous for carrier NAT."""
+    max_inflight_requests: int = Field(default=4096, ge=0)
+    """Full-flow requests at once; past it 503 + Retry-After (0: no limit)."""
+    max_upstream_fetches: int = Field(default=256, ge=0)
+    """Upstream requests waiting at once; past it stale or 503 + Retry-After (0: no limit)."""
+    client_requests_per_s: int = Field(default=500, ge=0)
+    """Full-flow requests per client address per second; past it 429 (0: no limit). Fresh
+    memory hits are not counted."""
 
     _listen_ok = field_validator("listen")(_check_listen)
 

@@ -26,12 +26,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11, RawRequestMessage
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from edge.admission import Admission, AdmissionLimits
 from edge.cache import Hit, TieredCache
 from edge.compression import (
     INLINE_COMPRESS_BYTES,
@@ -40,6 +41,7 @@ from edge.compression import (
 )
 from edge.entry import ENCODING_SEP, SLICE_SEP, VARIANT_SEP, EntryMeta
 from edge.express import ExpressAppRunner, render_head
+from edge.guard import DoorLimits, Doorman
 from edge.keys import (
     BadTarget,
     Target,
@@ -170,6 +172,11 @@ class EdgeSettings:
     """Only paths under these are proxied (everything else is a 404 from the edge itself), so
     the edge is never a door to the origin's control API; ``/v1/`` is refused whatever this
     says."""
+    door: DoorLimits = field(default_factory=DoorLimits)
+    """Head deadline, send stall, connections per client (see :mod:`edge.guard`)."""
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
+    """In-flight, upstream and per-client limits past which the edge sheds (see
+    :mod:`edge.admission`)."""
 
 
 # ---- outcomes of a fetch, shared with collapsed waiters -----------------------------------------
@@ -206,7 +213,7 @@ class ErrorAnswer:
 Outcome = Stored | Refreshed | Passed | ErrorAnswer
 
 
-_UNREACHABLE = frozenset({"refused", "timeout", "protocol"})
+_UNREACHABLE = frozenset({"refused", "timeout", "protocol", "shed"})
 """The :class:`ErrorAnswer` details of a fetch that never got an answer from upstream."""
 CONTROL_PREFIX = "/v1/"
 """The origin's control API (uploads, jobs, purges): never reachable through an edge."""
@@ -228,6 +235,18 @@ def error_response(status: int, message: str, **extra: str) -> web.Response:
     return web.json_response(
         {"error": {"status": status, "message": message}}, status=status, headers=extra
     )
+
+
+SHED_RETRY_AFTER_S = 1
+"""``Retry-After`` on a 503 shed for load: players retry a segment within a second or two
+anyway; the next try usually lands once the peak's first wave is stored."""
+
+
+def upstream_error_response(exc: UpstreamError, **extra: str) -> web.Response:
+    """The answer when upstream failed (or was not asked: shed) and nothing stored serves."""
+    if exc.kind == "shed":
+        extra = {"Retry-After": str(SHED_RETRY_AFTER_S), **extra}
+    return error_response(exc.status, str(exc), **extra)
 
 
 UNKEYED_OVERRIDES = frozenset(
@@ -292,8 +311,11 @@ class Edge:
             settings.upstream_url,
             timeout_s=settings.upstream_timeout_s,
             max_connections=settings.max_upstream_connections,
+            max_waiting=settings.admission.max_upstream_fetches,
             on_body_bytes=self.metrics.bytes_from_upstream,
         )
+        self.doorman = Doorman(settings.door)
+        self.admission = Admission(settings.admission)
         self.host = settings.cache_host or self.upstream.host_header
         self.fleet_key = (
             None
@@ -388,6 +410,7 @@ class Edge:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.upstream.close()
+        self.doorman.close()
         if self.cache.disk is not None:
             await self.cache.disk.close()
 
@@ -421,6 +444,20 @@ class Edge:
             return error_response(400, f"bad request target: {exc}")
         if not proxied(target.path, self.settings.proxied_prefixes):
             return error_response(404, f"{target.path} is not served through this edge")
+        transport = request.transport
+        refusal = await self.admission.admit(
+            None if transport is None else transport.get_extra_info("peername")
+        )
+        if refusal is not None:
+            return error_response(
+                refusal.status, refusal.message, **{"Retry-After": str(refusal.retry_after_s)}
+            )
+        try:
+            return await self._admitted(request, target)
+        finally:
+            self.admission.done()
+
+    async def _admitted(self, request: web.Request, target: Target) -> web.StreamResponse:
         await self._catch_up_with_child(request)  # purge
         if request.method in ("GET", "HEAD"):
             return await self.cacheable(request, target)
@@ -607,13 +644,10 @@ class Edge:
             response = await self.upstream.request("GET", target.path_and_query, headers)
             self.metrics.upstream_latency(time.monotonic() - started)
         except UpstreamError as exc:
-            status = 504 if exc.kind == "timeout" else 502
-            return ErrorAnswer(
-                status,
-                (("Content-Type", "application/json"),),
-                _json_error(status, str(exc)),
-                exc.kind,
-            )
+            fields: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+            if exc.kind == "shed":
+                fields += (("Retry-After", str(SHED_RETRY_AFTER_S)),)
+            return ErrorAnswer(exc.status, fields, _json_error(exc.status, str(exc)), exc.kind)
         return await self.backend_response(request, key, stale, response, purge_epoch=epoch)
 
     # ---- backend_response and store ------------------------------------------------------
@@ -865,11 +899,8 @@ class Edge:
         try:
             response = await self.upstream.request(request.method, target.path_and_query, headers)
         except UpstreamError as exc:
-            status = 504 if exc.kind == "timeout" else 502
-            return error_response(
-                status,
-                str(exc),
-                **{"Cache-Status": f"{self.settings.name}; fwd={fwd}; detail={exc.kind}"},
+            return upstream_error_response(
+                exc, **{"Cache-Status": f"{self.settings.name}; fwd={fwd}; detail={exc.kind}"}
             )
         return await self.stream_passed(request, response, fwd=fwd, detail="pass")
 
@@ -901,15 +932,11 @@ class Edge:
     async def pass_unsafe(self, request: web.Request, target: Target) -> web.StreamResponse:
         """Unsafe methods go upstream uncached; success invalidates the URL and its
         Location / Content-Location (RFC 9111 §4.4)."""
+        too_large = f"request bodies through the edge are limited to {MAX_UNSAFE_BODY_BYTES} bytes"
         if request.content_length is not None and request.content_length > MAX_UNSAFE_BODY_BYTES:
-            return error_response(
-                413, f"request bodies through the edge are limited to {MAX_UNSAFE_BODY_BYTES} bytes"
-            )
-        try:
-            async with asyncio.timeout(REQUEST_BODY_TIMEOUT_S):
-                body = await request.read() if request.can_read_body else None
-        except TimeoutError:
-            return error_response(408, "the request body did not arrive in time")
+            return error_response(413, too_large)
+        refused: list[web.Response] = []
+        body = _streamed_body(request, refused, too_large) if request.can_read_body else None
         headers = [
             (k, v)
             for k, v in strip_hop_by_hop(list(request.headers.items()))
@@ -921,7 +948,10 @@ class Edge:
                 request.method, target.path_and_query, headers, body
             )
         except UpstreamError as exc:
-            return error_response(504 if exc.kind == "timeout" else 502, str(exc))
+            return refused[0] if refused else upstream_error_response(exc)
+        if refused:  # the body failed after upstream had answered: not a complete request
+            response.close()
+            return refused[0]
         for url in unsafe_invalidations(
             method=request.method,
             status=response.status,
@@ -1251,7 +1281,10 @@ class Edge:
             sent = False
             if transport is not None and not transport.is_closing():
                 with contextlib.suppress(NotImplementedError, RuntimeError):
-                    await asyncio.get_running_loop().sendfile(transport, handle, start, length)
+                    if not await self._sendfile_unstalled(
+                        cast(asyncio.WriteTransport, transport), handle, start, length
+                    ):
+                        return response  # the client stopped reading: its connection is gone
                     sent = True
             if not sent:
                 await asyncio.to_thread(handle.seek, start)
@@ -1269,6 +1302,27 @@ class Edge:
         finally:
             await asyncio.to_thread(handle.close)
         return response
+
+    async def _sendfile_unstalled(
+        self, transport: asyncio.WriteTransport, handle: BinaryIO, start: int, length: int
+    ) -> bool:
+        """``loop.sendfile`` in pieces of :data:`SENDFILE_CHUNK_BYTES`, each given the door's
+        ``send_stall_s`` (a kernel sendfile never pauses the protocol, so the door cannot see
+        a client that stopped reading). ``False``: one stalled, and the connection is aborted.
+        A piece per minute (the default) is 4 KiB/s, below any phone that is still reading."""
+        loop = asyncio.get_running_loop()
+        offset, end = start, start + length
+        while offset < end:
+            count = min(SENDFILE_CHUNK_BYTES, end - offset)
+            try:
+                async with asyncio.timeout(self.settings.door.send_stall_s):
+                    await loop.sendfile(transport, handle, offset, count)
+            except TimeoutError:
+                self.doorman.counts.send_stalls += 1
+                transport.abort()
+                return False
+            offset += count
+        return True
 
     async def _send_sliced(
         self,
@@ -1433,6 +1487,34 @@ def _content_range(value: str | None) -> tuple[int, int, int] | None:
     return first, last, total
 
 
+async def _streamed_body(
+    request: web.Request, refused: list[web.Response], too_large: str
+) -> AsyncIterator[bytes]:
+    """A client's request body, chunk by chunk as it arrives (never buffered whole), to send
+    upstream. A body larger than :data:`MAX_UNSAFE_BODY_BYTES`, or one that stalls for
+    :data:`REQUEST_BODY_TIMEOUT_S`, ends the upload; the reason is left in *refused* (the
+    upstream request fails with it, whatever aiohttp makes of the error)."""
+    total = 0
+    while True:
+        try:
+            async with asyncio.timeout(REQUEST_BODY_TIMEOUT_S):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            refused.append(error_response(408, "the request body stopped arriving"))
+            raise
+        if not chunk:
+            return
+        total += len(chunk)
+        if total > MAX_UNSAFE_BODY_BYTES:
+            refused.append(error_response(413, too_large))
+            raise RequestBodyRefused(too_large)
+        yield chunk
+
+
+class RequestBodyRefused(Exception):
+    """A client's request body was cut off by the edge (too large or too slow)."""
+
+
 def _json_error(status: int, message: str) -> bytes:
     return json.dumps({"error": {"status": status, "message": message}}).encode()
 
@@ -1506,6 +1588,15 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     return await request.app[EDGE].handle(request)
 
 
+async def _close_after_a_body(request: web.Request, response: web.StreamResponse) -> None:
+    """A connection's door stops watching for request heads once one declared a body
+    (:mod:`edge.guard`): close it after answering, so every request head keeps its
+    deadline. Bodies are rare at an edge (unsafe methods), so this costs no reuse."""
+    if request.body_exists:
+        response.force_close()
+        response.headers["Connection"] = "close"  # the head is rendered before this hook
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     edge = app[EDGE]
     await edge.start()
@@ -1516,7 +1607,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 def express_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
     """The edge's runner: its connections answer plain fresh hits on the express lane
     (:mod:`edge.express`)."""
-    return ExpressAppRunner(app, express=lambda started: started[EDGE].express, **kwargs)
+    return ExpressAppRunner(
+        app,
+        express=lambda started: started[EDGE].express,
+        doorman=lambda started: started[EDGE].doorman,
+        **kwargs,
+    )
 
 
 def create_app(settings: EdgeSettings) -> web.Application:
@@ -1525,6 +1621,7 @@ def create_app(settings: EdgeSettings) -> web.Application:
     app = web.Application(client_max_size=MAX_UNSAFE_BODY_BYTES)
     app[EDGE] = Edge(settings)
     app.cleanup_ctx.append(_lifecycle)
+    app.on_response_prepare.append(_close_after_a_body)
     app[RUNNER] = express_runner
     app.router.add_get(HEALTHZ_PATH, healthz, allow_head=True)
     app.router.add_get(READYZ_PATH, readyz, allow_head=True)

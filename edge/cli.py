@@ -14,7 +14,9 @@ from typing import Any
 import click
 
 from cdn_config import KshipraConfig, parse_byte_size, parse_listen
+from edge.admission import AdmissionLimits
 from edge.app import EdgeSettings, create_app
+from edge.guard import DoorLimits
 from kshipra.serve import run, serve_apps
 from kshipra.terminal import Terminal
 
@@ -38,6 +40,16 @@ def settings_from_config(config: KshipraConfig, name: str) -> tuple[EdgeSettings
         max_upstream_connections=edge.max_upstream_connections,
         proxied_prefixes=edge.proxy_prefixes,
         stale_if_unreachable_s=edge.stale_if_unreachable_s,
+        door=DoorLimits(
+            header_timeout_s=edge.header_timeout_s,
+            send_stall_s=edge.send_stall_s,
+            connections_per_client=edge.connections_per_client,
+        ),
+        admission=AdmissionLimits(
+            max_inflight_requests=edge.max_inflight_requests,
+            max_upstream_fetches=edge.max_upstream_fetches,
+            client_requests_per_s=edge.client_requests_per_s,
+        ),
         purge_token=config.secrets.purge_token,
         # purge: follow the purge stream unless Redis is the origin's embedded child server
         redis_url=None if config.redis.url == "embedded" else config.redis.url,

@@ -43,6 +43,8 @@ from aiohttp.http import SERVER_SOFTWARE, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
 
+from edge.guard import Doorman
+
 log = logging.getLogger(__name__)
 
 Express = Callable[[RawRequestMessage], "tuple[bytes, ...] | None"]
@@ -139,16 +141,31 @@ class ExpressRequestHandler(RequestHandler):
 
 
 class ExpressServer(web.Server):
-    """aiohttp's low-level server, making :class:`ExpressRequestHandler` protocols."""
+    """aiohttp's low-level server, making :class:`ExpressRequestHandler` protocols (plain
+    ones without an express function), each behind the *doorman*'s door if there is one."""
 
     def __init__(
-        self, handler: Any, *, request_factory: Any, express: Express, **kwargs: Any
+        self,
+        handler: Any,
+        *,
+        request_factory: Any,
+        express: Express | None,
+        doorman: Doorman | None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(handler, request_factory=request_factory, **kwargs)
         self._express = express
+        self._doorman = doorman
 
-    def __call__(self) -> RequestHandler:
-        return ExpressRequestHandler(self, express=self._express, loop=self._loop, **self._kwargs)
+    def __call__(self) -> Any:
+        handler: RequestHandler
+        if self._express is None:
+            handler = RequestHandler(self, loop=self._loop, **self._kwargs)
+        else:
+            handler = ExpressRequestHandler(
+                self, express=self._express, loop=self._loop, **self._kwargs
+            )
+        return handler if self._doorman is None else self._doorman.wrap(handler)
 
 
 class ExpressAppRunner(web.AppRunner):
@@ -163,27 +180,31 @@ class ExpressAppRunner(web.AppRunner):
         app: web.Application,
         *,
         express: Callable[[web.Application], Express | None],
+        doorman: Callable[[web.Application], Doorman | None] = lambda _app: None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self._express_for = express
+        self._doorman_for = doorman
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         express = self._express_for(self.app)
-        if express is None:
-            return server
-        if not SUPPORTED:
+        doorman = self._doorman_for(self.app)
+        if express is not None and not SUPPORTED:
             log.warning(
                 "this aiohttp lacks the protocol internals the express lane uses; "
                 "serving every request through the full request cycle"
             )
+            express = None
+        if express is None and doorman is None:
             return server
         return ExpressServer(
             server.request_handler,
             request_factory=server.request_factory,
             loop=asyncio.get_running_loop(),
             express=express,
+            doorman=doorman,
             **self._kwargs,
         )
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -36,6 +36,51 @@ class _HitCounters(Collector):
         )
 
 
+class _Shedding(Collector):
+    """What admission control and the connection door refused, read at scrape time."""
+
+    def __init__(self, edge: Edge) -> None:
+        self._edge = edge
+
+    def collect(self) -> Iterator[Metric]:
+        edge = self._edge
+        shed = CounterMetricFamily(
+            "kshipra_edge_shed",
+            "Requests refused for load: inflight (503), upstream (503 or served stale), "
+            "rate (429 per client)",
+            labels=["reason"],
+        )
+        shed.add_metric(["inflight"], edge.admission.shed.inflight)
+        shed.add_metric(["upstream"], edge.upstream.shed)
+        shed.add_metric(["rate"], edge.admission.shed.rate)
+        yield shed
+        door = edge.doorman.counts
+        closed = CounterMetricFamily(
+            "kshipra_edge_connections_closed",
+            "Connections the edge closed: head_timeout (a request head too slow or never "
+            "sent), send_stall (a client that stopped reading), per_client_cap (refused 429)",
+            labels=["reason"],
+        )
+        closed.add_metric(["head_timeout"], door.head_timeouts)
+        closed.add_metric(["send_stall"], door.send_stalls)
+        closed.add_metric(["per_client_cap"], door.refused_connections)
+        yield closed
+        yield GaugeMetricFamily(
+            "kshipra_edge_open_connections", "Client connections open", value=door.open_connections
+        )
+        yield GaugeMetricFamily(
+            "kshipra_edge_inflight_requests",
+            "Requests in the full request flow (bounded by max_inflight_requests)",
+            value=edge.admission.inflight,
+        )
+        yield GaugeMetricFamily(
+            "kshipra_edge_upstream_waiting",
+            "Upstream requests waiting for a connection or headers (bounded by "
+            "max_upstream_fetches)",
+            value=edge.upstream.waiting,
+        )
+
+
 class EdgeMetrics:
     def __init__(self, edge: Edge) -> None:
         self.registry = CollectorRegistry()
@@ -44,6 +89,7 @@ class EdgeMetrics:
         self.express_hits = 0
         self.client_bytes = 0
         registry.register(_HitCounters(self))
+        registry.register(_Shedding(edge))
         self._misses = Counter(
             "kshipra_edge_misses", "Requests that needed upstream", registry=registry
         )

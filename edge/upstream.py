@@ -19,14 +19,21 @@ from yarl import URL
 
 from edge.rfc9111 import Headers, strip_hop_by_hop
 
-FailureKind = Literal["timeout", "refused", "reset", "protocol"]
+FailureKind = Literal["timeout", "refused", "reset", "protocol", "shed"]
+"""``shed``: not sent at all, the edge's limit of upstream requests at once was reached."""
 READ_CHUNK_BYTES = 256 * 1024
+Body = bytes | AsyncIterator[bytes] | None
 
 
 class UpstreamError(Exception):
     def __init__(self, kind: FailureKind, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+    @property
+    def status(self) -> int:
+        """What a client is answered when nothing stored can be served instead."""
+        return {"timeout": 504, "shed": 503}.get(self.kind, 502)
 
 
 @dataclass(slots=True)
@@ -79,9 +86,15 @@ class Upstream:
         *,
         timeout_s: float,
         max_connections: int,
+        max_waiting: int = 0,
         on_body_bytes: Callable[[int], None] | None = None,
     ) -> None:
         self._on_body_bytes = on_body_bytes
+        self.max_waiting = max_waiting
+        """At most this many requests waiting for a connection or for response headers at
+        once (``0``: no limit); past it :meth:`request` fails at once with ``shed``."""
+        self.waiting = 0
+        self.shed = 0
         self.base_url = URL(base_url.rstrip("/"))
         self.host_header = self.base_url.raw_authority
         self._timeout = aiohttp.ClientTimeout(
@@ -108,10 +121,26 @@ class Upstream:
             await self._session.close()
 
     async def request(
-        self, method: str, path_and_query: str, headers: Headers, body: bytes | None = None
+        self, method: str, path_and_query: str, headers: Headers, body: Body = None
     ) -> UpstreamResponse:
-        """Send a request; the caller reads or closes the response."""
+        """Send a request; the caller reads or closes the response. A body is bytes or an
+        async iterator of chunks (a client's request body, streamed)."""
         assert self._session is not None, "Upstream.start() first"
+        if self.max_waiting and self.waiting >= self.max_waiting:
+            self.shed += 1
+            raise UpstreamError(
+                "shed", f"the edge already has {self.waiting} requests waiting on upstream"
+            )
+        self.waiting += 1
+        try:
+            return await self._request(method, path_and_query, headers, body)
+        finally:
+            self.waiting -= 1
+
+    async def _request(
+        self, method: str, path_and_query: str, headers: Headers, body: Body
+    ) -> UpstreamResponse:
+        assert self._session is not None
         url = URL(str(self.base_url) + path_and_query, encoded=True)
         request_time = time.time()
         try:

@@ -56,6 +56,7 @@ class ScriptedOrigin:
     def __init__(self) -> None:
         self.scripts: dict[str, Script] = {}
         self.seen: list[Seen] = []
+        self.bodies: list[bytes] = []
         self.arrived = asyncio.Event()
 
     def script(self, path: str, **kwargs: Any) -> Script:
@@ -76,6 +77,8 @@ class ScriptedOrigin:
             return web.Response(status=404, text="no script")
         if script.gate is not None:
             await script.gate.wait()
+        if request.can_read_body:  # an origin reads the whole request before it answers
+            self.bodies.append(await request.read())
         if script.drop_connection:
             assert request.transport is not None
             request.transport.close()
@@ -122,7 +125,7 @@ def body_of(size: int, seed: str = "x") -> bytes:
 @pytest.fixture
 async def upstream(aiohttp_server: Any) -> tuple[ScriptedOrigin, TestServer]:
     origin = ScriptedOrigin()
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024**2)
     app.router.add_route("*", "/{tail:.*}", origin.handle)
     server: TestServer = await aiohttp_server(app)
     return origin, server

@@ -313,6 +313,7 @@ async def test_successful_unsafe_request_invalidates(upstream: Upstream, make_ed
     await edge.get("/other")
     item.body = b"new"
     post = await edge.post("/item", data=b"update")
+    assert post.headers["Connection"] == "close"  # the door watches heads again on a new one
     assert post.status == 200
     assert await (await edge.get("/item")).read() == b"new"  # the POST invalidated it
     item.headers["Content-Location"] = "/other"
