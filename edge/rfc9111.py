@@ -570,8 +570,13 @@ def validator_matches(stored: Headers, not_modified: Headers) -> bool:
 
 
 def vary_names(response_headers: Headers) -> tuple[str, ...]:
-    """Normalised (lowercase, deduplicated, sorted) field names across all Vary lines."""
-    names = {name.lower() for name in split_list(get_all(response_headers, "vary"))}
+    """Normalised (lowercase, deduplicated, sorted) field names across all Vary lines. A
+    member that is not a field name (RFC 9110 §12.5.5: ``#( "*" / field-name )``) counts as
+    ``*``: nothing tells which requests the response may be reused for, so it is not."""
+    names = {
+        name.lower() if name == "*" or _TOKEN_RE.match(name) else "*"
+        for name in split_list(get_all(response_headers, "vary"))
+    }
     return tuple(sorted(names))
 
 
