@@ -464,7 +464,7 @@ def run_edge(
     log = work / f"{tag}.log"
     argv = [*pin(cpu), str(KSHIPRA), "edge", "--upstream", upstream]
     argv += ["--listen", f"127.0.0.1:{port}", "--disk-dir", str(disk)]
-    argv += ["--memory-bytes", memory, "--name", EDGE_NAME]
+    argv += ["--memory-bytes", memory, "--name", EDGE_NAME, "--proxy-prefix", "/"]
     with log.open("wb") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_clean_env())
     server = Server("kshipra", process, f"http://127.0.0.1:{port}", port, log)
@@ -628,10 +628,13 @@ def run_wrk(
     threads: int = 1,
     cpu: int | None,
     headers: Sequence[str] = (),
+    script: str | None = None,
 ) -> WrkResult:
     argv = [*pin(cpu), "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--latency"]
     for header in headers:
         argv += ["-H", header]
+    if script is not None:
+        argv += ["-s", script]
     argv.append(url)
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     server_before = server.cpu_s()
