@@ -114,6 +114,7 @@ asyncio.run(main())
 """
 
 RANDOM_PATHS = """
+math.randomseed(os.time() + math.floor(os.clock() * 1000000))
 counter = 0
 request = function()
   counter = counter + 1

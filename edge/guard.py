@@ -198,6 +198,7 @@ class GuardedConnection(asyncio.Protocol):
         "_partial",
         "_refused",
         "_transport",
+        "_waiting",
     )
 
     def __init__(self, inner: asyncio.Protocol, doorman: Doorman) -> None:
@@ -210,6 +211,8 @@ class GuardedConnection(asyncio.Protocol):
         """The start of a request head whose end has not arrived."""
         self._body_seen = False
         """A head declared a body: the request flow owns this connection's bytes now."""
+        self._waiting = False
+        """The doorman's clock runs for this connection's head."""
 
     @property
     def inner(self) -> asyncio.Protocol:
@@ -226,18 +229,34 @@ class GuardedConnection(asyncio.Protocol):
             transport.close()
             return
         doorman.counts.open_connections += 1
-        doorman.head_began(self)  # a silent connection is a head that never starts
+        self._began()  # a silent connection is a head that never starts
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
         if not self._body_seen:
-            self._watch_heads(data)
+            if (
+                not self._partial
+                and data.endswith(HEAD_END)
+                and _DECLARES_BODY.search(data) is None
+            ):
+                # Nearly every request: whole heads only, none with a body.
+                if self._waiting:
+                    self._done()
+            else:
+                self._watch_heads(data)
         self._inner.data_received(data)
 
+    def _began(self) -> None:
+        self._waiting = True
+        self._doorman.head_began(self)
+
+    def _done(self) -> None:
+        self._waiting = False
+        self._doorman.head_done(self)
+
     def _watch_heads(self, data: bytes) -> None:
-        doorman = self._doorman
         buffer = self._partial + data if self._partial else data
         start = 0
         while True:
@@ -246,7 +265,7 @@ class GuardedConnection(asyncio.Protocol):
                 start += 2
             if start >= len(buffer):
                 self._partial = b""
-                doorman.head_done(self)
+                self._done()
                 return
             end = buffer.find(HEAD_END, start)
             if end < 0:
@@ -254,7 +273,7 @@ class GuardedConnection(asyncio.Protocol):
             if _DECLARES_BODY.search(buffer, start, end + 2) is not None:
                 self._body_seen = True
                 self._partial = b""
-                doorman.head_done(self)
+                self._done()
                 return
             start = end + 4
         began = not self._partial
@@ -262,10 +281,10 @@ class GuardedConnection(asyncio.Protocol):
         if len(self._partial) > MAX_PARTIAL_HEAD_BYTES:
             self._body_seen = True  # aiohttp's parser refuses it; stop watching
             self._partial = b""
-            doorman.head_done(self)
+            self._done()
             return
         if began or start:
-            doorman.head_began(self)
+            self._began()
 
     def eof_received(self) -> bool | None:
         if self._refused:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ class RawOrigin:
         default_factory=dict
     )
     counts: dict[str, int] = field(default_factory=dict)
+    heads: list[bytes] = field(default_factory=list)
+    """Every request head received, in order (an answer may read the last one's Range)."""
     port: int = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -38,6 +41,7 @@ class RawOrigin:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 path = head.split(b" ", 2)[1].decode()
+                self.heads.append(head)
                 self.counts[path] = self.counts.get(path, 0) + 1
                 status, chunks, close = self.answers[path](self.counts[path])
                 writer.write(status)
@@ -61,7 +65,7 @@ async def raw_origin() -> AsyncIterator[RawOrigin]:
 
 @pytest.fixture
 def raw_edge(aiohttp_client: Any, raw_origin: RawOrigin, tmp_path: Path) -> Callable[..., Any]:
-    async def make(*, disk: bool) -> Client:
+    async def make(*, disk: bool, slice_bytes: int = 8 * 1024**2) -> Client:
         settings = EdgeSettings(
             proxied_prefixes=("/",),  # scripted upstreams serve any path
             name="integrity",
@@ -72,6 +76,7 @@ def raw_edge(aiohttp_client: Any, raw_origin: RawOrigin, tmp_path: Path) -> Call
             memory_max_object_bytes=1024**2,
             disk_bytes=256 * 1024**2,
             upstream_timeout_s=5.0,
+            slice_bytes=slice_bytes,
         )
         client: Client = await aiohttp_client(EdgeServer(create_app(settings)))
         return client
@@ -192,3 +197,41 @@ async def test_a_body_longer_than_declared_is_not_stored_longer(
         response = await edge.get("/l")
         assert b"EXTRA" not in await response.read()
         assert len(response.headers["Cache-Status"]) < 200
+
+
+@pytest.mark.parametrize("disk", [False, True], ids=["memory", "memory+disk"])
+async def test_a_206_shorter_than_its_content_range_is_never_stored_as_a_slice(
+    raw_edge: Callable[..., Any], raw_origin: RawOrigin, disk: bool
+) -> None:
+    """A sliced object's first slice cut short by the origin: the client gets the object
+    whole (passed) or an error, never the short slice as the object; nothing short is kept:
+    every later request is answered whole."""
+    piece = 64 * 1024
+    whole = body_of(200 * 1024, seed="sliced")
+
+    def answer(count: int) -> tuple[bytes, list[bytes], bool]:
+        match = re.search(rb"Range: bytes=(\d+)-(\d+)", raw_origin.heads[-1], re.IGNORECASE)
+        if match is None:  # a plain GET: the whole object
+            plain = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(whole)
+            return plain + b'ETag: "s1"\r\n' + CACHEABLE + b"\r\n", [whole], False
+        first, last = int(match.group(1)), min(int(match.group(2)), len(whole) - 1)
+        head = (
+            b"HTTP/1.1 206 Partial Content\r\n"
+            + b"Content-Range: bytes %d-%d/%d\r\n" % (first, last, len(whole))
+            + b"Content-Length: %d\r\n" % (last - first + 1)
+            + b'ETag: "s1"\r\n'
+            + CACHEABLE
+            + b"\r\n"
+        )
+        part = whole[first : last + 1]
+        if count == 1:
+            return head, [part[: len(part) // 2]], True  # half the slice, then the close
+        return head, [part], False
+
+    raw_origin.answers["/s"] = answer
+    edge = await raw_edge(disk=disk, slice_bytes=piece)
+    # The edge passes the request on (whole) when a slice fails, or reports the failure:
+    # never the short slice as if it were the object.
+    assert await read_or_fail(edge, "/s") in (None, whole)
+    for _ in range(3):
+        assert await read_or_fail(edge, "/s") == whole
