@@ -7,7 +7,9 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -278,3 +280,67 @@ def test_bad_invocations_exit_2_with_a_clear_message(tmp_path: Path) -> None:
         out, err = process.communicate(timeout=60)
         assert process.returncode == 2, (args, out, err)
         assert cases[args] in (out + err).decode(), (args, out, err)
+
+
+def test_an_edge_from_a_config_applies_its_door_limits(
+    origin_process: OriginProcess, tmp_path: Path, edge_processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """The door's limits as an operator sets them (the edge's section of the config), seen
+    from outside: a silent socket is closed at the head deadline, a client past its
+    connection cap gets 429, and /metrics counts both."""
+    body, path = upload_bundle(origin_process, "door-bank")
+    port = free_port()
+    config = tmp_path / "kshipra.toml"
+    config.write_text(
+        f"""
+[origin]
+listen = "{origin_process.url.removeprefix("http://")}"
+storage = "{tmp_path / "unused"}"
+public_url = "{origin_process.url}"
+
+[[edges]]
+name = "door"
+city = "Indore"
+listen = "127.0.0.1:{port}"
+upstream = "origin"
+header_timeout_s = 0.5
+connections_per_client = 3
+"""
+    )
+    edge = start_edge(
+        edge_processes, tmp_path / "edge.log", "--config", str(config), "--name", "door"
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(url + "/healthz", process=edge)
+    assert fetch(url + path)[:2] == (200, body)
+
+    silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert silent.recv(1) == b""  # closed by the edge at the deadline, long before 10 s
+    silent.close()
+
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+    refused = socket.create_connection(("127.0.0.1", port), timeout=10)
+    answer = refused.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 429"), answer
+    for sock in [*held, refused]:
+        sock.close()
+
+    def counted() -> bool:
+        try:
+            metrics = fetch(url + "/metrics")[1].decode()
+        except urllib.error.HTTPError as refused_again:
+            # The four closes above may not have reached the edge yet: still at the cap.
+            if refused_again.code != 429:
+                raise
+            return False
+        closed = {
+            reason: float(value)
+            for reason, value in re.findall(
+                r'kshipra_edge_connections_closed_total\{reason="(\w+)"\} (\S+)', metrics
+            )
+        }
+        # At least: the silent socket, and the connection refused above (a scrape refused
+        # while the closes were on their way counts too).
+        return closed.get("head_timeout", 0) >= 1 and closed.get("per_client_cap", 0) >= 1
+
+    wait_until(counted, "the door's counters on /metrics")
