@@ -10,6 +10,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY cdn_config ./cdn_config
+COPY common ./common
+COPY assets ./assets
 COPY edge ./edge
 COPY kshipra ./kshipra
 COPY origin ./origin

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import re
 import time
@@ -32,6 +31,17 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11, RawRequestMessage
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from common.auth import bearer_check
+from common.errors import error_body, error_json
+from common.http import (
+    ByteSpan,
+    Unsatisfiable,
+    evaluate_preconditions,
+    parse_http_date,
+    select_range,
+)
+from common.serving import RUNNER
+from common.wire import PURGE_SEEN_HEADER
 from edge.admission import Admission, AdmissionLimits
 from edge.cache import Hit, TieredCache
 from edge.compression import (
@@ -56,14 +66,12 @@ from edge.metrics import EdgeMetrics
 from edge.policy import make_policy
 from edge.purge import (  # purge: stream consumer and operator endpoint
     CURSOR_FILE,
-    PURGE_SEEN_HEADER,
     PURGE_SEEN_WAIT_S,
     Applied,
     CursorFile,
     Purge,
     PurgeConsumer,
     apply_purges,
-    bearer_check,
     purge_endpoint,
 )
 from edge.rfc9111 import (
@@ -88,14 +96,6 @@ from edge.rfc9111 import (
 )
 from edge.tiers.disk import CorruptEntryError, DiskTier
 from edge.upstream import Upstream, UpstreamError, UpstreamResponse
-from kshipra.serve import RUNNER
-from origin.delivery import (
-    ByteSpan,
-    Unsatisfiable,
-    evaluate_preconditions,
-    parse_http_date,
-    select_range,
-)
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +232,7 @@ def http_date(moment: float) -> str:
 
 
 def error_response(status: int, message: str, **extra: str) -> web.Response:
-    return web.json_response(
-        {"error": {"status": status, "message": message}}, status=status, headers=extra
-    )
+    return web.json_response(error_body(status, message), status=status, headers=extra)
 
 
 SHED_RETRY_AFTER_S = 1
@@ -559,9 +557,7 @@ class Edge:
                 outcome = await fetch()
             except Exception as exc:
                 log.exception("fetch for %r failed", collapse_key)
-                outcome = ErrorAnswer(
-                    502, (), _json_error(502, f"edge fetch failed: {exc}"), "edge"
-                )
+                outcome = ErrorAnswer(502, (), error_json(502, f"edge fetch failed: {exc}"), "edge")
             finally:
                 if self._inflight.get(collapse_key) is future:
                     del self._inflight[collapse_key]
@@ -647,7 +643,7 @@ class Edge:
             fields: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
             if exc.kind == "shed":
                 fields += (("Retry-After", str(SHED_RETRY_AFTER_S)),)
-            return ErrorAnswer(exc.status, fields, _json_error(exc.status, str(exc)), exc.kind)
+            return ErrorAnswer(exc.status, fields, error_json(exc.status, str(exc)), exc.kind)
         return await self.backend_response(request, key, stale, response, purge_epoch=epoch)
 
     # ---- backend_response and store ------------------------------------------------------
@@ -750,7 +746,7 @@ class Edge:
                 return await self._store_sliced(store_key, base, response, total)
             return await self._store_full(store_key, base, response)
         except UpstreamError as exc:
-            return ErrorAnswer(502, (), _json_error(502, str(exc)), "upstream-body")
+            return ErrorAnswer(502, (), error_json(502, str(exc)), "upstream-body")
 
     async def _store_full(self, key: str, base: EntryMeta, response: UpstreamResponse) -> Outcome:
         length_text = get_one(base.headers, "content-length")
@@ -785,7 +781,7 @@ class Edge:
             )
         except ValueError:
             return ErrorAnswer(
-                502, (), _json_error(502, "upstream body length mismatch"), "short-body"
+                502, (), error_json(502, "upstream body length mismatch"), "short-body"
             )
         if stored is None:
             return Passed(None, "not-admitted")
@@ -1219,7 +1215,7 @@ class Edge:
         if isinstance(decision, Unsatisfiable):
             headers["Content-Range"] = f"bytes */{size}"
             headers["Content-Type"] = "application/json"
-            return web.Response(status=416, headers=headers, body=_json_error(416, decision.reason))
+            return web.Response(status=416, headers=headers, body=error_json(416, decision.reason))
         if isinstance(decision, ByteSpan):
             headers["Content-Range"] = decision.content_range(size)
             return await self._send(request, hit, headers, 206, decision.start, decision.length)
@@ -1513,10 +1509,6 @@ async def _streamed_body(
 
 class RequestBodyRefused(Exception):
     """A client's request body was cut off by the edge (too large or too slow)."""
-
-
-def _json_error(status: int, message: str) -> bytes:
-    return json.dumps({"error": {"status": status, "message": message}}).encode()
 
 
 # ---- the application -----------------------------------------------------------------------------

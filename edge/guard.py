@@ -36,6 +36,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any, cast
 
+from common.errors import error_json
+
 HEAD_END = b"\r\n\r\n"
 MAX_PARTIAL_HEAD_BYTES = 64 * 1024
 """A head still incomplete past this is left to aiohttp's parser, which refuses it (431)."""
@@ -68,9 +70,7 @@ class DoorCounts:
     open_connections: int = 0
 
 
-_TOO_MANY_BODY = (
-    b'{"error":{"status":429,"message":"too many open connections from your address"}}\n'
-)
+_TOO_MANY_BODY = error_json(429, "too many open connections from your address")
 _TOO_MANY = (
     b"HTTP/1.1 429 Too Many Requests\r\n"
     b"Content-Type: application/json\r\n"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -11,7 +11,31 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from edge.app import Edge
+    from edge.admission import Admission
+    from edge.cache import TieredCache
+    from edge.guard import Doorman
+    from edge.upstream import Upstream
+
+
+class Edge(Protocol):
+    """What ``/metrics`` reads of an edge, at scrape time (the edge itself is ``edge.app``,
+    which imports this module)."""
+
+    @property
+    def cache(self) -> TieredCache: ...
+
+    @property
+    def upstream(self) -> Upstream: ...
+
+    @property
+    def doorman(self) -> Doorman: ...
+
+    @property
+    def admission(self) -> Admission: ...
+
+    def hit_for_miss_keys(self) -> int: ...
+
+    def purge_state(self) -> str: ...
 
 
 class _HitCounters(Collector):

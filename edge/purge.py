@@ -17,7 +17,7 @@ bounded by the deletions, not by the number of purges. The scan runs on the even
 
 Redis keys (the origin side, ``kshipra purge``, reads and writes these):
 
-``kshipra:purges`` (stream, :data:`transcode.jobs.PURGE_STREAM`)
+``kshipra:purges`` (stream, :data:`common.wire.PURGE_STREAM`)
     One entry per purge, fields ``kind`` (``url`` | ``prefix`` | ``tag``), ``value`` (a path or
     full URL, a path prefix, or a tag), ``soft`` (``"1"`` / ``"0"``), ``reason``, and
     ``requested_at`` (Unix seconds as a decimal string). Every edge reads it with plain
@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -63,24 +62,30 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from common.auth import bearer_check
+from common.errors import error_body
+from common.wire import (
+    ACK_PREFIX,
+    ACK_TTL_S,
+    EDGE_PREFIX,
+    PURGE_STREAM,
+    BadPurgeEntry,
+    PurgeEntry,
+    PurgeKind,
+    stream_position,
+)
 from edge.cache import TieredCache
 from edge.entry import EntryMeta
 from edge.keys import BadTarget, normalise_target, primary_key
 
 log = logging.getLogger(__name__)
 
-PURGE_STREAM = "kshipra:purges"
-"""Same name as :data:`transcode.jobs.PURGE_STREAM` (not imported: the edge does not depend
-on the transcoder)."""
-ACK_PREFIX = "kshipra:purge-acks:"
-EDGE_PREFIX = "kshipra:edges:"
-ACK_TTL_S = 24 * 3600
 HEARTBEAT_INTERVAL_S = 5.0
 HEARTBEAT_TTL_S = 15
 READ_BLOCK_MS = 2_000
@@ -89,16 +94,10 @@ BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 STARTUP_TIMEOUT_S = 30.0
 CURSOR_FILE = ".purge-cursor"
-PURGE_SEEN_HEADER = "Kshipra-Purge-Seen"
-"""Sent by an edge to its parent edge with the last purge it applied; the parent (trusting
-only its own fleet) catches up to that purge before answering, so a shield never refills a
-child with what the child just purged."""
 PURGE_SEEN_WAIT_S = 2.0
 MAX_PURGES_PER_REQUEST = 10_000
 
-PurgeKind = Literal["url", "prefix", "tag"]
 Action = Literal["remove", "mark"]
-_STREAM_ID_RE = re.compile(r"^(\d+)-(\d+)$")
 
 
 class PurgeError(Exception):
@@ -124,10 +123,10 @@ class Purge:
 
 def stream_id_order(stream_id: str) -> tuple[int, int]:
     """``"1700000000000-3"`` → ``(1700000000000, 3)``, for comparing stream ids."""
-    match = _STREAM_ID_RE.match(stream_id)
-    if match is None:
+    position = stream_position(stream_id)
+    if position is None:
         raise BadPurge(f"not a stream id: {stream_id!r}")
-    return int(match.group(1)), int(match.group(2))
+    return position
 
 
 def missed_purges(cursor: str, info: dict[str, Any], *, cursor_present: bool) -> bool:
@@ -148,20 +147,11 @@ def missed_purges(cursor: str, info: dict[str, Any], *, cursor_present: bool) ->
 
 def purge_from_fields(stream_id: str, fields: dict[str, str]) -> Purge:
     """A stream entry's fields as a :class:`Purge`; :class:`BadPurge` if malformed."""
-    kind = fields.get("kind", "")
-    if kind not in get_args(PurgeKind):
-        raise BadPurge(f"unknown purge kind {kind!r}")
-    value = fields.get("value", "")
-    if not value:
-        raise BadPurge("a purge needs a value")
-    soft = fields.get("soft", "0")
-    if soft not in ("0", "1"):
-        raise BadPurge(f"soft must be '0' or '1', not {soft!r}")
     try:
-        requested_at = float(fields.get("requested_at", "0"))
-    except ValueError:
-        raise BadPurge("requested_at must be Unix seconds") from None
-    return Purge(kind, value, soft == "1", stream_id, requested_at)  # type: ignore[arg-type]
+        entry = PurgeEntry.from_fields(fields)
+    except BadPurgeEntry as bad:
+        raise BadPurge(str(bad)) from None
+    return Purge(entry.kind, entry.value, entry.soft, stream_id, entry.requested_at)
 
 
 def purges_from_request(document: Any, *, id_prefix: str, now: float) -> list[Purge]:
@@ -329,18 +319,7 @@ async def apply_purges(cache: TieredCache, host: str, purges: Sequence[Purge]) -
 
 
 def _error(status: int, message: str, **headers: str) -> web.Response:
-    return web.json_response(
-        {"error": {"status": status, "message": message}}, status=status, headers=headers
-    )
-
-
-def bearer_check(authorization: str | None, token: str) -> Literal["ok", "missing", "wrong"]:
-    """An ``Authorization: Bearer …`` field against *token* (the scheme is case-insensitive,
-    RFC 9110 §11.1; the comparison constant-time)."""
-    scheme, _, offered = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not offered.strip():
-        return "missing"
-    return "ok" if hmac.compare_digest(offered.strip().encode(), token.encode()) else "wrong"
+    return web.json_response(error_body(status, message), status=status, headers=headers)
 
 
 async def purge_endpoint(

@@ -15,7 +15,7 @@ from typing import Literal
 from http_sfv.dictionary import Dictionary as SfvDictionary
 from http_sfv.item import Item as SfvItem
 
-from origin.delivery import parse_http_date
+from common.http import parse_http_date
 
 Headers = Sequence[tuple[str, str]]
 
@@ -103,7 +103,7 @@ def strip_hop_by_hop(headers: Headers) -> list[tuple[str, str]]:
 
 def http_date_seconds(value: str | None) -> float | None:
     """An HTTP-date as a Unix time, or ``None`` when absent or invalid (the parsing is
-    :func:`origin.delivery.parse_http_date`'s)."""
+    :func:`common.http.parse_http_date`'s)."""
     parsed = parse_http_date(value)
     return None if parsed is None else parsed.timestamp()
 

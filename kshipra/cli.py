@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from edge.cli import edge_command
 from kshipra.dev import dev_command
+from kshipra.edge_cli import edge_command
+from kshipra.origin_cli import jobs_command, origin_command, status_command, upload_command
 from kshipra.purge_cli import purge_command, warm_command
-from origin.cli import jobs_command, origin_command, status_command, upload_command
-from transcode.cli import worker_command
+from kshipra.worker_cli import worker_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -16,8 +16,8 @@ import aiohttp
 import click
 
 from cdn_config import parse_listen
+from common.serving import run, serve_apps
 from kshipra.embedded import EmbeddedValkey
-from kshipra.serve import run, serve_apps
 from kshipra.terminal import Terminal
 
 SAMPLE_BUNDLE = "neet-chemistry-mole-concept.json"

@@ -40,8 +40,11 @@ class EmbeddedValkey:
 
     @property
     def pid(self) -> int | None:
-        process = getattr(self._server, "_process", None)
-        return None if process is None else int(process.pid)
+        """The server's process id, as the server reports it (``INFO server``)."""
+        if self._server is None:
+            return None
+        info = self._server.client().info("server")
+        return int(info["process_id"])
 
     def __enter__(self) -> str:
         return self.start()

@@ -33,8 +33,7 @@ import aiohttp
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kshipra.terminal import Terminal
-from origin.client import (
+from kshipra.client import (
     AuthFailed,
     BadInput,
     ClientError,
@@ -42,8 +41,9 @@ from origin.client import (
     ServerFailed,
     default_origin_url,
 )
+from kshipra.exits import EXIT_AUTH, EXIT_BAD_INPUT, EXIT_NOT_APPLIED, EXIT_SERVER
+from kshipra.terminal import Terminal
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_AUTH, EXIT_SERVER, EXIT_NOT_APPLIED = 0, 2, 3, 4, 5
 LEADING_SEGMENTS = 3
 READ_CHUNK_BYTES = 256 * 1024
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import re
 import time
@@ -28,10 +27,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from cdn_config import KshipraConfig
-from origin.blobstore import BlobStore, StorageError, open_blob_store
-from origin.blobstore.local import LocalDirBlobStore
-from origin.catalogue import (
+from assets.blobstore import BlobStore, StorageError, open_blob_store
+from assets.blobstore.local import LocalDirBlobStore
+from assets.catalogue import (
     ASSET_ID_RE,
     Catalogue,
     Manifest,
@@ -41,25 +39,36 @@ from origin.catalogue import (
     asset_urls,
     validate_asset_id,
 )
-from origin.delivery import (
-    ByteSpan,
-    CachePolicy,
-    RuleMatcher,
-    Unsatisfiable,
-    cache_headers,
-    evaluate_preconditions,
-    format_http_date,
-    select_range,
+from assets.processing import (
+    JobLimits,
+    TranscodeQueues,
+    TranscodeSubmitter,
+    job_key,
+    pipeline_settings,
+    profile_id,
+    progress_of,
 )
-from origin.errors import (
+from cdn_config import KshipraConfig
+from common.auth import bearer_check
+from common.errors import (
     BadRequest,
     Forbidden,
     NotFound,
     OriginError,
     Unauthorized,
+    error_body,
 )
+from common.http import (
+    ByteSpan,
+    Unsatisfiable,
+    evaluate_preconditions,
+    format_http_date,
+    select_range,
+)
+from common.wire import PURGE_SEEN_HEADER, PURGE_STREAM
+from origin.delivery import CachePolicy, RuleMatcher, cache_headers
 from origin.ingest import Ingest, PublishResult, check_kind, check_tags, session_view
-from origin.invalidation import PURGE_SEEN_HEADER, CacheInvalidator
+from origin.invalidation import CacheInvalidator
 from origin.notifications import (
     BUCKET_EVENTS,
     NOTIFICATIONS,
@@ -69,16 +78,6 @@ from origin.notifications import (
     start_notifications,
 )
 from origin.purge import PURGE_PATH, make_purge_handler
-from transcode.jobs import (
-    PURGE_STREAM,
-    JobLimits,
-    TranscodeQueues,
-    TranscodeSubmitter,
-    job_key,
-    pipeline_settings,
-    profile_id,
-    progress_of,
-)
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +102,6 @@ _CONTENT_RE = re.compile(
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_body(status: int, code: str, message: str, **details: object) -> dict[str, Any]:
-    return {"error": {"status": status, "code": code, "message": message, **details}}
-
-
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One place maps exceptions to JSON answers."""
@@ -115,24 +110,24 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except OriginError as exc:
         if exc.status >= 500:
             log.warning("%s %s: %s", request.method, request.path, exc.message)
-        body = error_body(exc.status, exc.code, exc.message, **exc.details)
+        body = error_body(exc.status, exc.message, exc.code, **exc.details)
         headers = getattr(exc, "headers", None)
         return web.json_response(body, status=exc.status, headers=headers)
     except StorageError as exc:
         log.exception("storage failed on %s %s", request.method, request.path)
         return web.json_response(
-            error_body(503, "storage_unavailable", f"storage failed: {exc}"), status=503
+            error_body(503, f"storage failed: {exc}", "storage_unavailable"), status=503
         )
     except aioredis.RedisError as exc:
         log.exception("redis failed on %s %s", request.method, request.path)
         return web.json_response(
-            error_body(503, "redis_unavailable", f"redis failed: {exc}"), status=503
+            error_body(503, f"redis failed: {exc}", "redis_unavailable"), status=503
         )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return web.json_response(
-            error_body(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason),
+            error_body(exc.status, exc.reason, exc.reason.lower().replace(" ", "_")),
             status=exc.status,
             headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
         )
@@ -144,13 +139,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     # /v1/purge and the bucket-event webhook check the purge token themselves.
     if request.path.startswith("/v1/") and request.path not in (PURGE_PATH, WEBHOOK_PATH):
         expected = request.app[CONFIG].secrets.upload_token
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if not header or scheme.lower() != "bearer" or not token.strip():
+        checked = bearer_check(request.headers.get("Authorization"), expected)
+        if checked == "missing":
             raise Unauthorized(
                 "missing_token", "send 'Authorization: Bearer <KSHIPRA_UPLOAD_TOKEN>'"
             )
-        if expected is None or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        if checked == "wrong":
             raise Forbidden("wrong_token", "the upload token is not valid")
     return await handler(request)
 
@@ -663,9 +657,7 @@ async def serve_content(request: web.Request) -> web.StreamResponse:
             return web.Response(status=304, headers=headers)
         if precondition == "failed":
             return web.json_response(
-                error_body(
-                    412, "precondition_failed", "a precondition in the request did not hold"
-                ),
+                error_body(412, "a precondition in the request did not hold"),
                 status=412,
                 headers={k: v for k, v in headers.items() if k != "Content-Type"},
             )
@@ -683,7 +675,7 @@ async def serve_content(request: web.Request) -> web.StreamResponse:
             headers["Content-Range"] = f"bytes */{size}"
             del headers["Content-Type"]
             return web.json_response(
-                error_body(416, "range_not_satisfiable", decision.reason),
+                error_body(416, decision.reason, "range_not_satisfiable"),
                 status=416,
                 headers=headers,
             )

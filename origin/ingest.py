@@ -12,7 +12,7 @@ limit, content hash); only then are they moved to ``sources/{hash}`` and the ass
 written — the manifest write is what publishes.
 Any failure deletes the staged bytes, so nothing half-written stays in storage.
 
-A bundle is checked against the whole schema of :mod:`origin.bundle_schema` (in a thread: up
+A bundle is checked against the whole schema of :mod:`assets.bundle_schema` (in a thread: up
 to a second of CPU for the largest banks); a bad bank is a 422 listing its first problems with
 their JSON paths, and no job is queued. A single request's bundle is checked in memory before
 anything is stored; a session's when its parts are joined, and the joined object is deleted.
@@ -32,10 +32,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict
 
-from cdn_config import UploadLimits
-from origin.blobstore import BlobNotFoundError, BlobStore, PartInfo
-from origin.bundle_schema import BundleRefused, check_bundle_bytes
-from origin.catalogue import (
+from assets.blobstore import BlobNotFoundError, BlobStore, PartInfo
+from assets.bundle_schema import BundleRefused, check_bundle_bytes
+from assets.catalogue import (
     AssetLayout,
     Catalogue,
     Manifest,
@@ -46,7 +45,10 @@ from origin.catalogue import (
     validate_asset_id,
     validate_tag,
 )
-from origin.errors import (
+from assets.hashing import BLOCK_BYTES, TreeHasher, combine_block_digests
+from assets.sniff import KINDS, SNIFF_BYTES, Kind, Sniffed, sniff
+from cdn_config import UploadLimits
+from common.errors import (
     BadRequest,
     Conflict,
     NotFound,
@@ -54,14 +56,12 @@ from origin.errors import (
     Unprocessable,
     UnsupportedMedia,
 )
-from origin.hashing import BLOCK_BYTES, TreeHasher, combine_block_digests
-from origin.sniff import KINDS, SNIFF_BYTES, Kind, Sniffed, sniff
+from common.wire import UPLOAD_SESSION_PREFIX
 
 log = logging.getLogger(__name__)
 MAX_TAGS = 32
 MAX_PROBLEMS_SHOWN = 20
 """Problems listed in a refused bundle's 422 (``problems_total`` counts them all)."""
-SESSION_PREFIX = "kshipra:upload:"
 
 
 def check_kind(kind: str | None) -> Kind | None:
@@ -292,7 +292,7 @@ class Ingest:
     # ---- publishing -----------------------------------------------------------------------
 
     async def _check_bundle(self, data: bytes) -> None:
-        """The bundle schema (:mod:`origin.bundle_schema`); :class:`Unprocessable` with the
+        """The bundle schema (:mod:`assets.bundle_schema`); :class:`Unprocessable` with the
         first problems, each with its JSON path."""
         try:
             # Up to a second of CPU for the largest banks: off the event loop.
@@ -460,7 +460,7 @@ class Ingest:
     # ---- resumable sessions ---------------------------------------------------------------
 
     def _session_key(self, upload_id: str) -> str:
-        return f"{SESSION_PREFIX}{upload_id}"
+        return f"{UPLOAD_SESSION_PREFIX}{upload_id}"
 
     async def _load_session(self, upload_id: str) -> SessionRecord:
         if not upload_id.isalnum() or len(upload_id) > 64:
@@ -524,7 +524,7 @@ class Ingest:
             if kind is not None and reused.manifest.kind != kind:
                 raise _kind_mismatch(kind, None)
             return None, reused, []
-        index_key = f"{SESSION_PREFIX}index:{asset_id}:{content_hash}"
+        index_key = f"{UPLOAD_SESSION_PREFIX}index:{asset_id}:{content_hash}"
         upload_id = await self._redis.get(index_key)
         if upload_id is not None:
             try:
@@ -704,7 +704,7 @@ class Ingest:
         await self._redis.delete(
             self._session_key(session.upload_id),
             self._session_key(session.upload_id) + ":parts",
-            f"{SESSION_PREFIX}index:{session.asset_id}:{session.content_hash}",
+            f"{UPLOAD_SESSION_PREFIX}index:{session.asset_id}:{session.content_hash}",
         )
 
     async def abort(self, upload_id: str) -> None:

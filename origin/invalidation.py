@@ -1,7 +1,7 @@
 """The origin's own caches follow the purge stream, so a purge is never undone one hop up.
 
 The origin keeps two short-lived in-process caches on its read path: parsed manifests
-(:class:`origin.catalogue.Catalogue`, 1 s) and resolved deliveries of content URLs
+(:class:`assets.catalogue.Catalogue`, 1 s) and resolved deliveries of content URLs
 (:class:`origin.app.ContentCache`, 1 s for mutable pointers). A worker in another process
 publishes by writing the manifest to storage and then appending a soft tag purge to
 ``kshipra:purges``. Edges apply it within milliseconds and revalidate at once; if the origin
@@ -42,33 +42,30 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from common.wire import BadPurgeEntry, PurgeEntry, stream_position
+
 log = logging.getLogger(__name__)
 
-PURGE_SEEN_HEADER = "Kshipra-Purge-Seen"
-"""What an edge sends upstream: the last purge stream entry it applied."""
 CATCH_UP_TIMEOUT_S = 0.5
 READ_BLOCK_MS = 2_000
 READ_BATCH = 1_000
 BACKOFF_MAX_S = 5.0
 _ASSET_TAG_RE = re.compile(r"^(lecture|image|bundle):([a-z0-9][a-z0-9._-]{0,99})$")
-_STREAM_ID_RE = re.compile(r"^(\d{1,20})-(\d{1,20})$")
 
 Invalidate = Callable[["str | None", "str | None"], None]
 """``invalidate(kind, asset_id)``: drop what is cached about one asset, or about every asset
 when both are ``None``."""
 
 
-def stream_position(stream_id: str) -> tuple[int, int] | None:
-    """``"1700000000000-3"`` → ``(1700000000000, 3)``; ``None`` for anything else."""
-    match = _STREAM_ID_RE.match(stream_id)
-    return None if match is None else (int(match.group(1)), int(match.group(2)))
-
-
 def purge_scope(fields: dict[str, str]) -> tuple[str | None, str | None]:
     """Which asset a purge entry is about: ``(kind, id)`` for an asset's own tag, ``(None,
     None)`` (everything) for URLs, prefixes and other tags — cheap, as the caches live 1 s."""
-    if fields.get("kind") == "tag":
-        match = _ASSET_TAG_RE.match(fields.get("value", ""))
+    try:
+        entry = PurgeEntry.from_fields(fields)
+    except BadPurgeEntry:
+        return None, None  # the edges skip it too; the origin's caches live 1 s
+    if entry.kind == "tag":
+        match = _ASSET_TAG_RE.match(entry.value)
         if match is not None:
             return match.group(1), match.group(2)
     return None, None

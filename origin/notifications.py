@@ -46,18 +46,22 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from botocore.config import Config
 
+from assets.blobstore import parse_s3_location
+from assets.catalogue import ASSET_ID_RE, MANIFEST_NAME, Catalogue
+from assets.sniff import KINDS
 from cdn_config import KshipraConfig
-from origin.blobstore import parse_s3_location
-from origin.catalogue import ASSET_ID_RE, MANIFEST_NAME, Catalogue
-from origin.errors import BadRequest
+from common.errors import BadRequest
+from common.wire import (
+    PURGE_ENTRY_FIELD_COUNT,
+    PURGE_STREAM,
+    PURGE_STREAM_MAXLEN,
+    S3_SEQUENCERS_KEY,
+    PurgeEntry,
+)
 from origin.purge import check_purge_token
-from origin.sniff import KINDS
-from transcode.jobs import PURGE_STREAM
 
 log = logging.getLogger(__name__)
 
-SEQUENCERS_KEY = "kshipra:s3-sequencers"
-STREAM_MAXLEN = 100_000
 IMMUTABLE_PREFIXES = ("renditions/", "sources/")
 MAX_LONG_POLL_S = 20
 
@@ -175,8 +179,9 @@ def parse_message(body: str) -> list[S3Change]:
 
 # ---- IO: Redis -------------------------------------------------------------------------------
 
-# KEYS: sequencer hash, purge stream. ARGV: object key, sequencer, soft, reason, requested_at,
-# id, tag… → how many purges were added (0: not newer than what was seen).
+# KEYS: sequencer hash, purge stream. ARGV: object key, sequencer, then each purge entry's
+# fields as flat name/value pairs (PurgeEntry.fields(), {width} items an entry) → how many
+# purges were added (0: not newer than what was seen).
 _PUBLISH_IF_NEWER = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 local new = string.upper(ARGV[2])
@@ -188,31 +193,37 @@ if old then
   if b <= a then return 0 end
 end
 redis.call('HSET', KEYS[1], ARGV[1], new)
-for i = 7, #ARGV do
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', '{maxlen}', '*',
-    'kind', 'tag', 'value', ARGV[i], 'soft', ARGV[3], 'reason', ARGV[4],
-    'requested_at', ARGV[5], 'id', ARGV[6])
+local added = 0
+for i = 3, #ARGV, {width} do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', '{maxlen}', '*', unpack(ARGV, i, i + {width} - 1))
+  added = added + 1
 end
-return #ARGV - 6
-""".replace("{maxlen}", str(STREAM_MAXLEN))
+return added
+""".replace("{maxlen}", str(PURGE_STREAM_MAXLEN)).replace(
+    "{width}", str(2 * PURGE_ENTRY_FIELD_COUNT)
+)
 
 
 async def publish_if_newer(
     redis: aioredis.Redis, change: S3Change, tags: list[str], *, now: float
 ) -> int:
     """Purge *tags* (soft) unless an equal or newer event for this key was handled."""
+    request_id = uuid.uuid4().hex
+    reason = f"s3 {change.event} {change.key}"[:512]
+    entries = [
+        item
+        for tag in tags
+        for pair in PurgeEntry("tag", tag, True, reason, now, request_id).fields().items()
+        for item in pair
+    ]
     result = await redis.eval(
         _PUBLISH_IF_NEWER,
         2,
-        SEQUENCERS_KEY,
+        S3_SEQUENCERS_KEY,
         PURGE_STREAM,
         change.key,
         change.sequencer,
-        "1",
-        f"s3 {change.event} {change.key}"[:512],
-        f"{now:.6f}",
-        uuid.uuid4().hex,
-        *tags,
+        *entries,
     )
     return int(result)
 

@@ -29,7 +29,6 @@ every 50 ms (the edge side offers no acknowledgement stream to block on).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import math
 import time
@@ -42,15 +41,13 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from yarl import URL
 
+from assets.catalogue import TAG_RE
 from cdn_config import KshipraConfig
-from origin.catalogue import TAG_RE
-from origin.errors import BadRequest, Forbidden, Unauthorized, UpstreamFault
-from transcode.jobs import PURGE_STREAM
+from common.auth import bearer_check
+from common.errors import BadRequest, Forbidden, Unauthorized, UpstreamFault
+from common.wire import ACK_PREFIX, EDGE_PREFIX, PURGE_STREAM, PURGE_STREAM_MAXLEN, PurgeEntry
 
 PURGE_PATH = "/v1/purge"
-EDGE_HEARTBEAT_PREFIX = "kshipra:edges:"
-ACK_PREFIX = "kshipra:purge-acks:"
-STREAM_MAXLEN = 100_000
 MAX_TARGET_BYTES = 2048
 MAX_TARGETS = 1000
 DEFAULT_WAIT_S = 5.0
@@ -140,15 +137,8 @@ def parse_purge_request(body: Mapping[str, Any]) -> PurgeRequest:
 def stream_fields(
     target: PurgeTarget, *, soft: bool, reason: str, requested_at: float, request_id: str
 ) -> dict[str, str]:
-    """One stream entry's fields (the contract with the edges)."""
-    return {
-        "kind": target.kind,
-        "value": target.value,
-        "soft": "1" if soft else "0",
-        "reason": reason,
-        "requested_at": f"{requested_at:.6f}",
-        "id": request_id,
-    }
+    """One stream entry's fields (the contract with the edges: :class:`common.wire.PurgeEntry`)."""
+    return PurgeEntry(target.kind, target.value, soft, reason, requested_at, request_id).fields()
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +207,7 @@ async def publish(
                     requested_at=requested_at,
                     request_id=request_id,
                 ),
-                maxlen=STREAM_MAXLEN,
+                maxlen=PURGE_STREAM_MAXLEN,
                 approximate=True,
             )
         ids = await pipe.execute()
@@ -230,8 +220,8 @@ def _text(value: object) -> str:
 
 async def live_edges(redis: aioredis.Redis) -> list[str]:
     names = set()
-    async for key in redis.scan_iter(match=EDGE_HEARTBEAT_PREFIX + "*", count=500):
-        names.add(_text(key).removeprefix(EDGE_HEARTBEAT_PREFIX))
+    async for key in redis.scan_iter(match=EDGE_PREFIX + "*", count=500):
+        names.add(_text(key).removeprefix(EDGE_PREFIX))
     return sorted(names)
 
 
@@ -267,13 +257,12 @@ async def wait_for_acks(
 
 
 def check_purge_token(config: KshipraConfig, header: str) -> None:
-    scheme, _, token = header.partition(" ")
-    if not header or scheme.lower() != "bearer" or not token.strip():
+    checked = bearer_check(header, config.secrets.purge_token)
+    if checked == "missing":
         raise Unauthorized("missing_token", "send 'Authorization: Bearer <KSHIPRA_PURGE_TOKEN>'")
-    expected = config.secrets.purge_token
-    if expected is None:
+    if config.secrets.purge_token is None:
         raise Forbidden("purge_disabled", "the origin has no KSHIPRA_PURGE_TOKEN: purging is off")
-    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+    if checked == "wrong":
         raise Forbidden("wrong_token", "the purge token is not valid")
 
 

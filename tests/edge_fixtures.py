@@ -16,9 +16,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from common.http import ByteSpan, Unsatisfiable, select_range
+from common.serving import make_runner
 from edge.app import EdgeSettings, create_app
-from kshipra.serve import make_runner
-from origin.delivery import ByteSpan, Unsatisfiable, select_range
 
 
 class EdgeServer(TestServer):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from origin.blobstore import (
+from assets.blobstore import (
     MAX_KEY_BYTES,
     MIN_PART_BYTES,
     BlobNotFoundError,
@@ -30,7 +30,7 @@ from origin.blobstore import (
     open_blob_store,
     validate_key,
 )
-from origin.blobstore.s3 import PUT_PART_BYTES
+from assets.blobstore.s3 import PUT_PART_BYTES
 from tests.fixtures_s3 import REGION, s3_client
 
 MiB = 1024 * 1024

@@ -17,13 +17,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from assets.blobstore import BlobStore, LocalDirBlobStore, S3BlobStore
+from assets.hashing import TreeHasher
+from assets.processing import job_key, profile_id
+from common.wire import WAITERS_PREFIX
 from origin.app import CONFIG, QUEUE, REDIS, STORE
-from origin.blobstore import BlobStore, LocalDirBlobStore, S3BlobStore
-from origin.hashing import TreeHasher
 from tests.conftest import AUTH, OriginProcess, jpeg_bytes
 from tests.fixtures_s3 import s3_client
 from tests.test_cli import kshipra
-from transcode.jobs import WAITERS_PREFIX, job_key, profile_id
 
 Client = TestClient[Any, Any]
 

@@ -18,7 +18,7 @@ import brotli
 import pytest
 import zstandard
 
-from origin import bundle_schema, catalogue
+from assets import bundle_schema, catalogue
 from transcode.base import PermanentFault
 from transcode.bundles import (
     DCZ_MAGIC,
@@ -458,7 +458,7 @@ def test_image_ids_are_the_catalogues_asset_ids() -> None:
 
 def test_the_schema_module_imports_no_servers_or_transcode_code() -> None:
     code = (
-        "import sys, origin.bundle_schema; "
+        "import sys, assets.bundle_schema; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
         "{'aiohttp', 'boto3', 'botocore', 'redis', 'saq', 'transcode'}))"
     )

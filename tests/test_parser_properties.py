@@ -18,20 +18,20 @@ from http_sfv.dictionary import Dictionary as SfvDictionary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.keys import BadTarget, normalise_target
-from edge.rfc9111 import (
-    MAX_DELTA_SECONDS,
-    parse_cdn_directives,
-    parse_directives,
-    vary_names,
-)
-from origin.delivery import (
+from common.http import (
     ByteSpan,
     Unsatisfiable,
     WholeBody,
     format_http_date,
     parse_http_date,
     select_range,
+)
+from edge.keys import BadTarget, normalise_target
+from edge.rfc9111 import (
+    MAX_DELTA_SECONDS,
+    parse_cdn_directives,
+    parse_directives,
+    vary_names,
 )
 
 settings.register_profile(

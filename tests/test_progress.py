@@ -27,7 +27,9 @@ import redis.asyncio as aioredis
 from click.testing import CliRunner
 from saq import Queue
 
-from origin.cli import jobs_command, status_command
+from assets.processing import progress_of
+from common.wire import PROGRESS_PREFIX
+from kshipra.origin_cli import jobs_command, status_command
 from tests.conftest import (
     UPLOAD_TOKEN,
     OriginProcess,
@@ -38,7 +40,7 @@ from tests.conftest import (
 )
 from tests.test_hls import SMALL, make_clip
 from transcode import hls
-from transcode.jobs import PROGRESS_PREFIX, JobCancelled, ProgressReporter, progress_of
+from transcode.jobs import JobCancelled, ProgressReporter
 
 T = TypeVar("T")
 

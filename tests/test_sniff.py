@@ -11,7 +11,7 @@ from typing import Final
 import pytest
 from PIL import Image
 
-from origin.sniff import SNIFF_BYTES, Sniffed, sniff
+from assets.sniff import SNIFF_BYTES, Sniffed, sniff
 
 # ---- hand-built heads with real magic numbers -----------------------------------------------
 

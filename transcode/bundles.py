@@ -4,7 +4,7 @@ The pipeline, step by step (each a function below):
 
 1. :func:`parse_json` — strict JSON: UTF-8 (a BOM is tolerated), no duplicate keys, no
    ``NaN``/``Infinity``;
-2. :func:`validate_bundle` — the schema, :mod:`origin.bundle_schema` (pydantic, strict types;
+2. :func:`validate_bundle` — the schema, :mod:`assets.bundle_schema` (pydantic, strict types;
    the origin checks it too, at upload, and answers 422): text as a plain string or a map of
    language codes (``en``, ``hi``, ``ta``, ``hi-latn`` …) to text, ``image`` references (an
    http(s) URL or a catalogue asset id), the rules a schema cannot say (unique ids, answer
@@ -50,8 +50,8 @@ from typing import Any, Final
 import brotli
 import zstandard
 
-from origin import bundle_schema
-from origin.bundle_schema import (
+from assets import bundle_schema
+from assets.bundle_schema import (
     MAX_OPTIONS,
     MAX_QUESTIONS,
     MAX_REPORTED_PROBLEMS,
@@ -128,7 +128,7 @@ class DczError(TranscodeError, ValueError):
     """A ``dcz`` stream that is malformed or was made with another dictionary."""
 
 
-# ---- parse and validate (the schema is origin.bundle_schema's) ------------------------------
+# ---- parse and validate (the schema is assets.bundle_schema's) ------------------------------
 
 
 def parse_json(data: bytes) -> Any:

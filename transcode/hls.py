@@ -928,7 +928,7 @@ def run_for_job(
 FFMPEG_NICENESS = 10
 """Lecture encodes run at this CPU niceness: minutes of background work that must not slow a
 question bank's or an image's processing beside it on the same worker (their queues are apart,
-:class:`transcode.jobs.TranscodeQueues`, but the cores are shared), nor the origin or edge on
+:class:`assets.processing.TranscodeQueues`, but the cores are shared), nor the origin or edge on
 the same machine."""
 
 

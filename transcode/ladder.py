@@ -30,7 +30,7 @@ SPRITE_VTT_NAME = "thumbs.vtt"
 MASTER_NAME = "master.m3u8"
 
 ACCEPTED_CONTAINERS = frozenset({"mov", "mp4", "matroska", "webm", "avi", "mpegts"})
-"""Demuxers a lecture may come in: what ``origin.sniff`` accepts. Playlist and reference
+"""Demuxers a lecture may come in: what ``assets.sniff`` accepts. Playlist and reference
 formats (hls, concat, image2…) are refused so a crafted upload cannot make ffmpeg read other
 files; the CLI is then forced to the same demuxer PyAV probed with."""
 

@@ -1,5 +1,5 @@
 """One entry point for the worker: pick the pipeline for a kind and build its settings from
-the job's JSON settings (see :func:`transcode.jobs.pipeline_settings`)."""
+the job's JSON settings (see :func:`assets.processing.pipeline_settings`)."""
 
 from __future__ import annotations
 

@@ -14,10 +14,11 @@ from aiohttp import web
 from saq import Queue, Worker
 from saq.types import Context, PartialTimersDict
 
+from assets.blobstore import open_blob_store
+from assets.catalogue import Catalogue
+from assets.processing import JOB_KINDS, TranscodeQueues
 from cdn_config import JobConcurrency, KshipraConfig
-from origin.blobstore import open_blob_store
-from origin.catalogue import Catalogue
-from transcode.jobs import JOB_KINDS, TranscodeQueues, WorkerEnv, run_job
+from transcode.jobs import WorkerEnv, run_job
 from transcode.pipelines import run_pipeline
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ async def run_worker(
     config: KshipraConfig, *, concurrency: JobConcurrency, stop: asyncio.Event
 ) -> None:
     """Take jobs until *stop* is set; finish or hand back the running ones. One saq worker per
-    kind with its own queue and concurrency (see :class:`transcode.jobs.TranscodeQueues`)."""
+    kind with its own queue and concurrency (see :class:`assets.processing.TranscodeQueues`)."""
     kinds = tuple(kind for kind in JOB_KINDS if getattr(concurrency, kind) > 0)
     queues = TranscodeQueues(config.redis.url, kinds)
     await queues.connect()

@@ -51,7 +51,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from origin.blobstore.base import (
+from assets.blobstore.base import (
     MIN_PART_BYTES,
     BlobInfo,
     BlobNotFoundError,
@@ -178,7 +178,7 @@ def _is_missing(exc: OSError) -> bool:
 
 
 class LocalDirBlobStore:
-    """:class:`~origin.blobstore.base.BlobStore` over a directory (see the module docstring).
+    """:class:`~assets.blobstore.base.BlobStore` over a directory (see the module docstring).
 
     Beyond the protocol: :meth:`path_for` gives the on-disk path of an object (for sendfile).
     """

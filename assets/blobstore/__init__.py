@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from origin.blobstore.base import (
+from assets.blobstore.base import (
     MAX_KEY_BYTES,
     MIN_PART_BYTES,
     BlobInfo,
@@ -20,8 +20,8 @@ from origin.blobstore.base import (
     StorageError,
     validate_key,
 )
-from origin.blobstore.local import LocalDirBlobStore
-from origin.blobstore.s3 import S3BlobStore
+from assets.blobstore.local import LocalDirBlobStore
+from assets.blobstore.s3 import S3BlobStore
 
 __all__ = [
     "MAX_KEY_BYTES",

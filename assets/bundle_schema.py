@@ -22,7 +22,7 @@ from 0) and ``explanation``, and may have ``image``.
   any other object is a language map.
 * **Images** (``image`` on a question — the stem's figure — or on an option) are references,
   never bytes: an ``http://`` or ``https://`` URL, or the id of an asset in the catalogue (the
-  asset id slug, :data:`ASSET_ID_RE`, the same pattern as :mod:`origin.catalogue`'s). Whether
+  asset id slug, :data:`ASSET_ID_RE`, the same pattern as :mod:`assets.catalogue`'s). Whether
   that asset exists is not checked here.
 * **Fields the schema does not know** — on the bundle, a question or an option object, e.g.
   ``difficulty``, ``year``, ``marks``, ``topic``, ``exam`` — are kept and passed through to
@@ -73,7 +73,7 @@ MAX_REPORTED_PROBLEMS: Final = 5
 
 LANGUAGE_RE: Final = re.compile(r"^[a-z]{2,3}(?:-[a-z]{4})?(?:-(?:[a-z]{2}|[0-9]{3}))?$")
 ASSET_ID_RE: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
-"""The catalogue's asset id pattern (``origin.catalogue.ASSET_ID_RE``; a test keeps the two the
+"""The catalogue's asset id pattern (``assets.catalogue.ASSET_ID_RE``; a test keeps the two the
 same — importing the catalogue would bring the storage clients)."""
 
 _QUESTION_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")

@@ -14,10 +14,10 @@ from typing import Any
 import click
 
 from cdn_config import KshipraConfig, parse_byte_size, parse_listen
+from common.serving import run, serve_apps
 from edge.admission import AdmissionLimits
 from edge.app import EdgeSettings, create_app
 from edge.guard import DoorLimits
-from kshipra.serve import run, serve_apps
 from kshipra.terminal import Terminal
 
 
@@ -143,7 +143,7 @@ def edge_command(
     proxy_prefixes: tuple[str, ...],
 ) -> None:
     """Run an edge: an RFC 9111 caching reverse proxy with memory and disk tiers."""
-    from origin.cli import configure_logging, load_or_exit  # noqa: PLC0415 - shared helpers
+    from kshipra.origin_cli import configure_logging, load_or_exit  # noqa: PLC0415 - shared helpers
 
     config = load_or_exit(config_file, {})
     configure_logging(config.log_level)

@@ -16,30 +16,31 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from origin.hashing import BLOCK_BYTES, content_hash_of_file
+from assets.hashing import BLOCK_BYTES, content_hash_of_file
+from kshipra.exits import EXIT_AUTH, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SERVER
 
 READ_CHUNK_BYTES = 256 * 1024
 PART_ATTEMPTS = 4
 
 
 class ClientError(Exception):
-    exit_code = 1
+    exit_code = EXIT_FAILED
 
 
 class BadInput(ClientError):
     """The file or the request is wrong (local checks, or a 4xx other than auth)."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
 
 
 class AuthFailed(ClientError):
-    exit_code = 3
+    exit_code = EXIT_AUTH
 
 
 class ServerFailed(ClientError):
     """The origin failed or could not be reached; retrying later may work."""
 
-    exit_code = 4
+    exit_code = EXIT_SERVER
 
 
 class TransferListener(Protocol):

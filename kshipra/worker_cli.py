@@ -7,7 +7,7 @@ import signal
 
 import click
 
-from kshipra.serve import run
+from common.serving import run
 from kshipra.terminal import Terminal
 
 
@@ -48,7 +48,7 @@ def worker_command(
     concurrency: tuple[str, ...],
 ) -> None:
     """Run a transcode worker: lectures → HLS, images → variants, bundles → packs."""
-    from origin.cli import configure_logging, load_or_exit  # noqa: PLC0415 - shared helpers
+    from kshipra.origin_cli import configure_logging, load_or_exit  # noqa: PLC0415 - shared helpers
     from transcode.worker import run_worker  # noqa: PLC0415 - heavy imports
 
     config = load_or_exit(

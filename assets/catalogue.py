@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from origin.blobstore import BlobNotFoundError, BlobStore
-from origin.errors import BadRequest
-from origin.sniff import Kind
+from assets.blobstore import BlobNotFoundError, BlobStore
+from assets.sniff import Kind
+from common.errors import BadRequest
 
 ASSET_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,127}$")

@@ -25,12 +25,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from assets.sniff import KINDS
 from cdn_config import ConfigError, KshipraConfig, load_config, parse_byte_size, parse_listen
-from kshipra.embedded import EmbeddedValkey
-from kshipra.serve import run, serve_apps
-from kshipra.terminal import Terminal
-from origin.app import create_app
-from origin.client import (
+from common.serving import run, serve_apps
+from kshipra.client import (
     BadInput,
     ClientError,
     OriginClient,
@@ -38,9 +36,11 @@ from origin.client import (
     UploadReport,
     default_origin_url,
 )
-from origin.sniff import KINDS
+from kshipra.embedded import EmbeddedValkey
+from kshipra.exits import EXIT_BAD_INPUT
+from kshipra.terminal import Terminal
+from origin.app import create_app
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_AUTH, EXIT_SERVER = 0, 2, 3, 4
 PLAIN_PROGRESS_INTERVAL_S = 5.0
 """Off a terminal, ``upload`` prints a progress line at least this often."""
 WAIT_POLL_S = 0.5

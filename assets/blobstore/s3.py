@@ -36,7 +36,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from origin.blobstore.base import (
+from assets.blobstore.base import (
     MIN_PART_BYTES,
     BlobInfo,
     BlobNotFoundError,
@@ -114,7 +114,7 @@ def _total_size(content_range: str | None, content_length: int) -> int:
 
 
 class S3BlobStore:
-    """:class:`~origin.blobstore.base.BlobStore` over an S3 bucket (see the module docstring).
+    """:class:`~assets.blobstore.base.BlobStore` over an S3 bucket (see the module docstring).
 
     Beyond the protocol: :meth:`ensure_bucket` creates the bucket with versioning enabled.
     """
