@@ -4,6 +4,8 @@ process."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import io
 import json
 import os
@@ -201,25 +203,26 @@ def kshipra_argv(*args: str) -> list[str]:
 
 
 def wait_for_http(url: str, *, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    """Poll *url* until it answers 200, the process dies, or the deadline passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """Poll *url* until it answers 200, the process dies (:class:`RuntimeError`), or
+    *timeout_s* passes (:class:`TimeoutError`)."""
+
+    def up() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"process exited with {process.returncode} before {url} was up")
         try:
             with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
+                return bool(response.status == 200)
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.05)  # polling interval of a readiness probe, not synchronisation
-    raise TimeoutError(f"{url} did not come up in {timeout_s} s")
+            return False
+
+    eventually(up, timeout_s=timeout_s, what=f"{url} coming up", interval_s=0.05)
 
 
 def eventually(probe: Any, *, timeout_s: float, what: str, interval_s: float = 0.02) -> Any:
     """Call *probe* until it returns something truthy (returned) or *timeout_s* passes (then
     :class:`TimeoutError` naming *what*). A polling probe with a deadline, for state another
-    process changes; not a sleep standing in for synchronisation."""
+    process changes; not a sleep standing in for synchronisation. An exception from *probe*
+    (an assertion that the awaited state can no longer come) ends the wait at once."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = probe()
@@ -228,6 +231,24 @@ def eventually(probe: Any, *, timeout_s: float, what: str, interval_s: float = 0
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{what} did not happen within {timeout_s} s")
         time.sleep(interval_s)
+
+
+async def eventually_async(
+    probe: Any, *, timeout_s: float, what: str, interval_s: float = 0.02
+) -> Any:
+    """:func:`eventually` for a test on the event loop: *probe* may return a value or an
+    awaitable (an ``async def`` probe, or a lambda calling one), and the loop sleeps with
+    :func:`asyncio.sleep` so the servers under test keep running between probes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout_s} s")
+        await asyncio.sleep(interval_s)
 
 
 @dataclass

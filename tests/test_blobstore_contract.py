@@ -33,6 +33,8 @@ from assets.blobstore import (
 from assets.blobstore.s3 import PUT_PART_BYTES
 from tests.fixtures_s3 import REGION, s3_client
 
+pytestmark = pytest.mark.integration
+
 MiB = 1024 * 1024
 
 

@@ -5,9 +5,7 @@ plain strings, images, fields the schema does not know) is published with those 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,9 +20,11 @@ from assets.hashing import TreeHasher
 from assets.processing import job_key, profile_id
 from common.wire import WAITERS_PREFIX
 from origin.app import CONFIG, QUEUE, REDIS, STORE
-from tests.conftest import AUTH, OriginProcess, jpeg_bytes
+from tests.conftest import AUTH, OriginProcess, eventually_async, jpeg_bytes
 from tests.fixtures_s3 import s3_client
 from tests.test_cli import kshipra
+
+pytestmark = pytest.mark.integration
 
 Client = TestClient[Any, Any]
 
@@ -286,14 +286,17 @@ REAL_BANK = bank(
 
 
 async def published(client: Client, asset_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    async def shown_once_published() -> dict[str, Any] | None:
         shown = await (await client.get(f"/v1/assets/{asset_id}", headers=AUTH)).json()
         if shown["version"] is not None:
             return dict(shown)
         assert shown["newest_state"] != "failed", shown["status_reason"]
-        await asyncio.sleep(0.05)  # polling interval while the worker runs the job
-    raise TimeoutError(f"{asset_id} was not published within a minute")
+        return None
+
+    asset: dict[str, Any] = await eventually_async(
+        shown_once_published, timeout_s=60, what=f"{asset_id} being published", interval_s=0.05
+    )
+    return asset
 
 
 async def test_a_real_bank_is_published_with_its_extra_fields(local_origin: Client) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import redis
 
 from tests.conftest import (
@@ -16,10 +16,13 @@ from tests.conftest import (
     OriginProcess,
     bundle_bytes,
     child_env,
+    eventually,
     free_port,
     jpeg_bytes,
     kshipra_argv,
 )
+
+pytestmark = pytest.mark.integration
 
 
 def kshipra(
@@ -184,8 +187,8 @@ def wait_for_parts(
     """Watch the origin's Redis-backed session list through the API until *at_least* parts
     of the upload for *asset_id* have arrived."""
     client = redis.Redis.from_url(origin_redis_url(origin))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def enough_parts() -> int | None:
         assert process.poll() is None, "the upload finished before it could be interrupted"
         for key in client.scan_iter(f"kshipra:upload:index:{asset_id}:*"):
             upload_id = client.get(key)
@@ -198,8 +201,12 @@ def wait_for_parts(
                 received = len(json.loads(response.read())["upload"]["received_parts"])
             if received >= at_least:
                 return received
-        time.sleep(0.02)  # polling interval while watching progress
-    raise TimeoutError("the upload never reached the wanted number of parts")
+        return None
+
+    parts: int = eventually(
+        enough_parts, timeout_s=60, what=f"the upload reaching {at_least} parts"
+    )
+    return parts
 
 
 def origin_redis_url(origin: OriginProcess) -> str:

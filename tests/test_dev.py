@@ -10,7 +10,11 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import child_env, free_port, kshipra_argv
+
+pytestmark = pytest.mark.integration
 
 
 def read_until(process: subprocess.Popen[str], marker: str) -> list[str]:

@@ -26,6 +26,8 @@ from edge.tiers import (
     EntryGoneError,
 )
 
+pytestmark = pytest.mark.integration
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 

@@ -19,6 +19,8 @@ from multidict import CIMultiDict
 
 from tests.edge_fixtures import ScriptedOrigin, body_of
 
+pytestmark = pytest.mark.integration
+
 Upstream = tuple[ScriptedOrigin, TestServer]
 Client = TestClient[Any, Any]
 

@@ -19,6 +19,8 @@ from aiohttp.test_utils import TestClient
 from edge.app import EdgeSettings, create_app
 from tests.edge_fixtures import EdgeServer, body_of
 
+pytestmark = pytest.mark.integration
+
 Client = TestClient[Any, Any]
 CACHEABLE = b"Cache-Control: public, max-age=600\r\nContent-Type: application/octet-stream\r\n"
 

@@ -10,9 +10,12 @@ from email.utils import formatdate
 from typing import Any
 
 import brotli
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.edge_fixtures import ScriptedOrigin, body_of
+
+pytestmark = pytest.mark.integration
 
 Upstream = tuple[ScriptedOrigin, TestServer]
 Client = TestClient[Any, Any]

@@ -14,6 +14,8 @@ from edge.app import proxied
 from tests.conftest import PURGE_TOKEN
 from tests.edge_fixtures import ScriptedOrigin
 
+pytestmark = pytest.mark.integration
+
 Upstream = tuple[ScriptedOrigin, TestServer]
 CONTENT = ("/content/",)
 

@@ -24,6 +24,8 @@ from edge.app import EDGE
 from edge.guard import DoorLimits
 from tests.edge_fixtures import ScriptedOrigin, body_of
 
+pytestmark = pytest.mark.integration
+
 Upstream = tuple[ScriptedOrigin, TestServer]
 
 FAST_DOOR = DoorLimits(header_timeout_s=0.5, send_stall_s=1.0, connections_per_client=8)

@@ -15,6 +15,8 @@ from edge.app import EDGE, Edge
 from edge.purge import Purge
 from tests.edge_fixtures import ScriptedOrigin, body_of
 
+pytestmark = pytest.mark.integration
+
 Upstream = tuple[ScriptedOrigin, TestServer]
 Client = TestClient[Any, Any]
 FRESH = {"Cache-Control": "public, max-age=600", "ETag": '"v1"'}

@@ -11,9 +11,8 @@ import re
 import signal
 import socket
 import subprocess
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,10 +22,13 @@ from tests.conftest import (
     OriginProcess,
     bundle_bytes,
     child_env,
+    eventually,
     free_port,
     kshipra_argv,
     wait_for_http,
 )
+
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CONFIG = REPO / "cdn_config" / "sample.toml"
@@ -52,7 +54,7 @@ def upload_bundle(origin: OriginProcess, asset_id: str) -> tuple[bytes, str]:
             urls.update(view["urls"])
         return bool(urls)
 
-    wait_until(published, f"{asset_id} being published")
+    eventually(published, timeout_s=30.0, what=f"{asset_id} being published", interval_s=0.05)
     path = "/" + urls["versioned"].split("/", 3)[3]
     status, body, _ = fetch(origin.url + path)
     assert status == 200
@@ -148,15 +150,6 @@ def listens_on(pid: int, port: int) -> bool:
     return False
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)  # polling interval of a readiness probe, not synchronisation
-    raise TimeoutError(f"{what} did not happen in {timeout_s} s")
-
-
 # ---- one worker -------------------------------------------------------------------------------
 
 
@@ -236,9 +229,11 @@ def test_workers_share_the_port_and_sigterm_stops_them_all(
     def workers() -> list[int]:
         return [pid for pid, cmd in children_of(parent.pid).items() if "spawn_main" in cmd]
 
-    wait_until(
+    eventually(
         lambda: len(workers()) == 2 and all(listens_on(pid, port) for pid in workers()),
-        "two workers listening on the port",
+        timeout_s=30.0,
+        what="two workers listening on the port",
+        interval_s=0.05,
     )
     everyone = set(children_of(parent.pid))
     assert not listens_on(parent.pid, port)  # the parent only supervises
@@ -251,7 +246,12 @@ def test_workers_share_the_port_and_sigterm_stops_them_all(
 
     parent.send_signal(signal.SIGTERM)
     assert parent.wait(timeout=20) == 0, (tmp_path / "edge.log").read_text()
-    wait_until(lambda: not any(alive(pid) for pid in everyone), "every child exiting")
+    eventually(
+        lambda: not any(alive(pid) for pid in everyone),
+        timeout_s=30.0,
+        what="every child exiting",
+        interval_s=0.05,
+    )
 
 
 # ---- bad invocations ---------------------------------------------------------------------------
@@ -343,4 +343,4 @@ connections_per_client = 3
         # while the closes were on their way counts too).
         return closed.get("head_timeout", 0) >= 1 and closed.get("per_client_cap", 0) >= 1
 
-    wait_until(counted, "the door's counters on /metrics")
+    eventually(counted, timeout_s=30.0, what="the door's counters on /metrics", interval_s=0.05)

@@ -36,8 +36,10 @@ from edge.purge import (
     url_key_of,
 )
 from kshipra.edge_cli import edge_command, settings_from_config
-from tests.conftest import PURGE_TOKEN, free_port
+from tests.conftest import PURGE_TOKEN, eventually_async, free_port
 from tests.edge_fixtures import EdgeServer, ScriptedOrigin
+
+pytestmark = pytest.mark.integration
 
 Upstream = tuple[ScriptedOrigin, TestServer]
 Client = TestClient[Any, Any]
@@ -47,16 +49,6 @@ TEXT = "text/plain; charset=utf-8"
 BODY = b"the mole concept, explained slowly for a 2G connection. " * 20
 DEADLINE_S = 20.0
 POLL_S = 0.01
-
-
-async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll *check* until it holds or the deadline passes."""
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(POLL_S)  # polling interval, not synchronisation
-    raise AssertionError(f"timed out waiting for: {what}")
 
 
 def cache_status(response: Any) -> str:
@@ -468,7 +460,12 @@ async def test_stream_purges_are_applied_in_order_and_acknowledged(
         await xadd(client, "url", "/b.txt"),
         await xadd(client, "prefix", "/c"),
     ]
-    await until(applied_up_to(edge, ids[-1]), "all three purges applied")
+    await eventually_async(
+        applied_up_to(edge, ids[-1]),
+        timeout_s=DEADLINE_S,
+        what="all three purges applied",
+        interval_s=POLL_S,
+    )
     cursor = (tmp_path / "edge-disk" / CURSOR_FILE).read_text().strip()
     assert cursor == ids[-1]
     for stream_id in ids:
@@ -492,7 +489,12 @@ async def test_malformed_stream_entries_are_skipped(
     await edge.get("/a.txt")
     await client.xadd(PURGE_STREAM, {"kind": "everything", "value": "*"})
     last = await xadd(client, "url", "/a.txt")
-    await until(applied_up_to(edge, last), "the good purge applied")
+    await eventually_async(
+        applied_up_to(edge, last),
+        timeout_s=DEADLINE_S,
+        what="the good purge applied",
+        interval_s=POLL_S,
+    )
     assert not await is_hit(edge, "/a.txt")
 
 
@@ -508,7 +510,12 @@ async def test_purges_made_while_stopped_are_applied_before_serving(
     for path in ("/a.txt", "/b.txt", "/c.txt"):
         await first.get(path)
     before = await xadd(client, "url", "/c.txt", soft=True)
-    await until(applied_up_to(first, before), "the first purge applied")
+    await eventually_async(
+        applied_up_to(first, before),
+        timeout_s=DEADLINE_S,
+        what="the first purge applied",
+        interval_s=POLL_S,
+    )
     await first.close()
 
     hard = await xadd(client, "tag", "t-a")
@@ -567,7 +574,12 @@ async def test_a_redis_outage_delays_purges_but_loses_none(
         for path in paths:
             await edge.get(path)
         early = [await xadd(client, "tag", f"t{path}") for path in paths[:2]]
-        await until(applied_up_to(edge, early[-1]), "purges before the outage applied")
+        await eventually_async(
+            applied_up_to(edge, early[-1]),
+            timeout_s=DEADLINE_S,
+            what="purges before the outage applied",
+            interval_s=POLL_S,
+        )
         await client.aclose()
 
         server.stop()
@@ -579,7 +591,12 @@ async def test_a_redis_outage_delays_purges_but_loses_none(
         client = aioredis.Redis.from_url(url, decode_responses=True)
         late = [await xadd(client, "tag", f"t{path}") for path in paths[2:4]]
         late.append(await xadd(client, "url", paths[0]))
-        await until(applied_up_to(edge, late[-1]), "purges after the outage applied")
+        await eventually_async(
+            applied_up_to(edge, late[-1]),
+            timeout_s=DEADLINE_S,
+            what="purges after the outage applied",
+            interval_s=POLL_S,
+        )
         for stream_id in early + late:
             assert set(await client.hgetall(ACK_PREFIX + stream_id)) == {"test-edge"}
         for path in paths[:4]:
@@ -625,7 +642,12 @@ async def test_a_parent_catches_up_before_answering_a_child_that_is_ahead(
     origin.scripts["/a.txt"].body = b"version 2"
 
     purged = await xadd(client, "tag", "t-a")
-    await until(applied_up_to(child, purged), "the child applied the purge")
+    await eventually_async(
+        applied_up_to(child, purged),
+        timeout_s=DEADLINE_S,
+        what="the child applied the purge",
+        interval_s=POLL_S,
+    )
     second = await child.get("/a.txt", headers={"Accept-Encoding": "identity"})
     assert await second.read() == b"version 2"  # not version 1 refilled from the parent
     # the parent had applied the purge when it fetched (it says so upstream, too)

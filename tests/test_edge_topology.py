@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +18,17 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from cdn_config import KshipraConfig
 from edge.app import EDGE, EdgeSettings, create_app
-from tests.conftest import AUTH, PURGE_TOKEN, bundle_bytes, jpeg_bytes, origin_with_worker
+from tests.conftest import (
+    AUTH,
+    PURGE_TOKEN,
+    bundle_bytes,
+    eventually_async,
+    jpeg_bytes,
+    origin_with_worker,
+)
 from tests.edge_fixtures import EdgeServer, ScriptedOrigin, body_of
+
+pytestmark = pytest.mark.integration
 
 Client = TestClient[Any, Any]
 Upstream = tuple[ScriptedOrigin, TestServer]
@@ -62,14 +70,28 @@ class Topology:
 
     async def published_urls(self, asset_id: str, timeout_s: float = 30.0) -> dict[str, str]:
         """The asset's URLs once the origin has published it (readiness poll, deadline)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            view = await (await self.origin.get(f"/v1/assets/{asset_id}", headers=AUTH)).json()
+        view: dict[str, Any] = {}
+
+        async def urls_once_published() -> dict[str, str] | None:
+            view.clear()
+            view.update(
+                await (await self.origin.get(f"/v1/assets/{asset_id}", headers=AUTH)).json()
+            )
             if view["status"] == "published" and "versioned" in view["urls"]:
                 return dict(view["urls"])
             assert view.get("newest_state") != "failed", view
-            assert time.monotonic() < deadline, f"{asset_id} was not published: {view}"
-            await asyncio.sleep(0.05)  # polling interval of a readiness probe
+            return None
+
+        try:
+            urls: dict[str, str] = await eventually_async(
+                urls_once_published,
+                timeout_s=timeout_s,
+                what=f"{asset_id} being published",
+                interval_s=0.05,
+            )
+        except TimeoutError:  # the last view the origin gave says why
+            raise AssertionError(f"{asset_id} was not published: {view}") from None
+        return urls
 
 
 def path_of(url: str) -> str:

@@ -58,6 +58,8 @@ from transcode.ladder import (
     settings_from_job,
 )
 
+pytestmark = pytest.mark.integration
+
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 
 SMALL = HlsSettings(

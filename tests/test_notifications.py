@@ -37,6 +37,8 @@ from origin.notifications import (
 from tests.conftest import PURGE_TOKEN, UPLOAD_TOKEN, free_port, make_config
 from tests.fixtures_s3 import REGION, s3_client
 
+pytestmark = pytest.mark.integration
+
 STREAM = "kshipra:purges"
 Client = TestClient[Any, Any]
 

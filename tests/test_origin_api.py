@@ -3,10 +3,8 @@ S3 (moto) storage."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import time
 from typing import Any
 
 import brotli
@@ -17,8 +15,10 @@ from assets.blobstore import BlobStore
 from assets.catalogue import AssetLayout
 from assets.hashing import BLOCK_BYTES, TreeHasher
 from origin.app import STORE
-from tests.conftest import AUTH, bundle_bytes, jpeg_bytes, png_bytes
+from tests.conftest import AUTH, bundle_bytes, eventually_async, jpeg_bytes, png_bytes
 from transcode.bundles import decode_dcz
+
+pytestmark = pytest.mark.integration
 
 Client = TestClient[Any, Any]
 
@@ -35,14 +35,21 @@ async def upload(client: Client, body: bytes, **params: str) -> tuple[int, dict[
 
 async def published(client: Client, asset: dict[str, Any]) -> dict[str, Any]:
     version = asset["newest_version"]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    async def shown_once_published() -> dict[str, Any] | None:
         shown = await (await client.get(f"/v1/assets/{asset['id']}", headers=AUTH)).json()
         if shown["version"] is not None and shown["version"] >= version:
             return dict(shown)
         assert shown["newest_state"] != "failed", shown["status_reason"]
-        await asyncio.sleep(0.05)  # polling interval while the worker runs the job
-    raise TimeoutError(f"{asset['id']} v{version} was not published within a minute")
+        return None
+
+    published_asset: dict[str, Any] = await eventually_async(
+        shown_once_published,
+        timeout_s=60,
+        what=f"{asset['id']} v{version} being published",
+        interval_s=0.05,
+    )
+    return published_asset
 
 
 async def stored_keys(client: Client) -> list[str]:
@@ -52,13 +59,18 @@ async def stored_keys(client: Client) -> list[str]:
 
 async def settled(client: Client, asset_id: str) -> dict[str, Any]:
     """Wait until the asset's newest version is no longer processing."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    async def shown_once_settled() -> dict[str, Any] | None:
         shown = await (await client.get(f"/v1/assets/{asset_id}", headers=AUTH)).json()
-        if shown["newest_state"] != "processing":
-            return dict(shown)
-        await asyncio.sleep(0.05)  # polling interval while the worker runs the job
-    raise TimeoutError(f"{asset_id} is still processing after a minute")
+        return dict(shown) if shown["newest_state"] != "processing" else None
+
+    asset: dict[str, Any] = await eventually_async(
+        shown_once_settled,
+        timeout_s=60,
+        what=f"{asset_id} finishing processing",
+        interval_s=0.05,
+    )
+    return asset
 
 
 def path_of(url: str) -> str:

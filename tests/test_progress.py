@@ -17,10 +17,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -34,6 +34,8 @@ from tests.conftest import (
     UPLOAD_TOKEN,
     OriginProcess,
     child_env,
+    eventually,
+    eventually_async,
     kshipra_argv,
     start_origin_process,
     stop_process,
@@ -42,29 +44,7 @@ from tests.test_hls import SMALL, make_clip
 from transcode import hls
 from transcode.jobs import JobCancelled, ProgressReporter
 
-T = TypeVar("T")
-
-
-def wait_until(probe: Callable[[], T | None], *, timeout_s: float, what: str) -> T:
-    """Poll *probe* until it returns something truthy; a deadline, not a sleep standing in for
-    synchronisation."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout_s} s")
-        time.sleep(0.05)  # polling interval of a probe of another process's state
-
-
-async def wait_until_async(probe: Callable[[], Any], *, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await probe():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout_s} s")
-        await asyncio.sleep(0.01)  # polling interval of a probe of Redis
-
+pytestmark = pytest.mark.integration
 
 # ---- ProgressReporter: a real encode, real Valkey, a real saq job ---------------------------
 
@@ -163,10 +143,12 @@ async def test_the_newest_state_is_sent_after_the_interval_never_dropped(
             document = await progress_of(redis_client, key)
             return document is not None and document["percent"] == value
 
-        await wait_until_async(lambda: percent_is(10.0), timeout_s=5, what="10 %")
+        await eventually_async(lambda: percent_is(10.0), timeout_s=5, what="10 %", interval_s=0.01)
         for fraction in (0.4, 0.5, 0.6):  # inside one interval: only the last matters
             reporter("encode", fraction)
-        await wait_until_async(lambda: percent_is(60.0), timeout_s=5, what="60 % sent later")
+        await eventually_async(
+            lambda: percent_is(60.0), timeout_s=5, what="60 % sent later", interval_s=0.01
+        )
         reporter("encode", 0.3)  # never backwards within a job
         assert reporter.fraction == 0.6
         first = await progress_of(redis_client, key)
@@ -176,7 +158,9 @@ async def test_the_newest_state_is_sent_after_the_interval_never_dropped(
             document = await progress_of(redis_client, key)
             return document is not None and document["updated"] > first["updated"]
 
-        await wait_until_async(refreshed, timeout_s=5, what="a refresh while nothing changes")
+        await eventually_async(
+            refreshed, timeout_s=5, what="a refresh while nothing changes", interval_s=0.01
+        )
     finally:
         await reporter.stop(final=False)
         await redis_client.delete(PROGRESS_PREFIX + key)
@@ -279,7 +263,12 @@ def test_status_jobs_api_and_a_piped_upload_follow_a_real_job(
             moved = len(set(seen)) >= 2 and processing.get("eta_s") is not None
             return shown if moved and processing.get("stage") == "encode" else None
 
-        wait_until(encoding, timeout_s=120, what="the encode visibly moving with an ETA")
+        eventually(
+            encoding,
+            timeout_s=120,
+            what="the encode visibly moving with an ETA",
+            interval_s=0.05,
+        )
         os.killpg(worker_group, signal.SIGSTOP)
         frozen_at = len(lines)
         try:
@@ -308,10 +297,11 @@ def test_status_jobs_api_and_a_piped_upload_follow_a_real_job(
             assert f"v1 (processing): encode {processing['percent']:.0f}%" in jobs
 
             # Nothing changes while the worker is frozen; the piped upload still says so.
-            wait_until(
+            eventually(
                 lambda: sum(line.startswith("process ") for line in lines[frozen_at:]) >= 2,
                 timeout_s=10,
                 what="two progress lines while nothing changes",
+                interval_s=0.05,
             )
         finally:
             os.killpg(worker_group, signal.SIGCONT)
@@ -347,12 +337,13 @@ def test_status_jobs_api_and_a_piped_upload_follow_a_real_job(
     # Not a video: the worker refuses it for good, and status says why.
     broken = b"\x1a\x45\xdf\xa3" + b"\x00" * 60 + os.urandom(64 * 1024)
     post(f"{origin.url}/v1/assets?id=broken-lecture&kind=lecture", broken)
-    failed = wait_until(
+    failed = eventually(
         lambda: (
             (shown := api(f"{origin.url}/v1/assets/broken-lecture"))["status"] == "failed" and shown
         ),
         timeout_s=60,
         what="the broken lecture failing",
+        interval_s=0.05,
     )
     reason = failed["status_reason"]
     assert reason

@@ -33,6 +33,8 @@ from tests.conftest import (
 from tests.test_dev import read_until
 from tests.test_worker import api, make_clip
 
+pytestmark = pytest.mark.integration
+
 
 def fetch(url: str) -> tuple[dict[str, Any], str]:
     """(the JSON body, Cache-Status) of a GET."""

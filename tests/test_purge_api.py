@@ -33,6 +33,7 @@ from tests.conftest import (
     UPLOAD_TOKEN,
     bundle_bytes,
     child_env,
+    eventually_async,
     free_port,
     jpeg_bytes,
     kshipra_argv,
@@ -40,6 +41,8 @@ from tests.conftest import (
     origin_with_worker,
 )
 from tests.edge_fixtures import EdgeServer
+
+pytestmark = pytest.mark.integration
 
 STREAM = "kshipra:purges"
 PURGE_AUTH = {"Authorization": f"Bearer {PURGE_TOKEN}"}
@@ -94,19 +97,11 @@ def base_url(client: Client) -> str:
     return str(client.server.make_url("")).rstrip("/")
 
 
-async def until(predicate: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen in {timeout_s} s")
-        await asyncio.sleep(0.05)  # polling interval of a readiness probe, not synchronisation
-
-
 async def edge_live(sync_redis: redis.Redis, name: str) -> None:
     async def live() -> bool:
         return bool(sync_redis.exists(f"kshipra:edges:{name}"))
 
-    await until(live, f"edge {name}'s heartbeat")
+    await eventually_async(live, timeout_s=30, what=f"edge {name}'s heartbeat", interval_s=0.05)
 
 
 # ---- authentication and validation ---------------------------------------------------------------
@@ -481,7 +476,9 @@ async def publish(client: Client, kind: str, asset_id: str, body: bytes, tag: st
         assert view.get("newest_state") != "failed", view
         return bool(view["status"] == "published")
 
-    await until(published, f"{asset_id} being published", timeout_s=60)
+    await eventually_async(
+        published, timeout_s=60, what=f"{asset_id} being published", interval_s=0.05
+    )
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Pure RFC 9111 rules of the edge, as tables (no sockets)."""
+"""Pure RFC 9111 rules of the edge, as tables, and the same rules seen through a real edge on
+loopback (hence the ``integration`` marker)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from edge.rfc9111 import (
     reuse,
 )
 from tests.edge_fixtures import ScriptedOrigin
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize(

@@ -12,13 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import imageio_ffmpeg
+import pytest
 
 from tests.conftest import (
     UPLOAD_TOKEN,
+    eventually,
     start_origin_process,
     start_worker_process,
     stop_process,
 )
+
+pytestmark = pytest.mark.integration
 
 
 def api(url: str, *, method: str = "GET", body: bytes | None = None) -> Any:
@@ -61,16 +65,6 @@ def make_clip(path: Path, seconds: int) -> None:
     )
 
 
-def wait_for(predicate: Any, *, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)  # polling interval of a progress probe
-    raise TimeoutError(f"{what} did not happen within {timeout_s} s")
-
-
 def test_a_killed_workers_job_is_completed_by_another(tmp_path: Path, valkey_url: str) -> None:
     storage = str(tmp_path / "storage")
     clip = tmp_path / "lecture.mp4"
@@ -91,7 +85,9 @@ def test_a_killed_workers_job_is_completed_by_another(tmp_path: Path, valkey_url
             processing = shown.get("processing") or {}
             return processing.get("stage") == "encode" and processing.get("percent", 0) > 0
 
-        wait_for(encoding, timeout_s=60, what="the first worker starting to encode")
+        eventually(
+            encoding, timeout_s=60, what="the first worker starting to encode", interval_s=0.1
+        )
         first.send_signal(signal.SIGKILL)
         first.wait()
         killed_at = time.monotonic()
@@ -102,7 +98,9 @@ def test_a_killed_workers_job_is_completed_by_another(tmp_path: Path, valkey_url
             assert shown["newest_state"] != "failed", shown["status_reason"]
             return shown if shown["status"] == "published" else None
 
-        shown = wait_for(published, timeout_s=120, what="the second worker publishing")
+        shown = eventually(
+            published, timeout_s=120, what="the second worker publishing", interval_s=0.1
+        )
         recovery_s = time.monotonic() - killed_at
         assert recovery_s < 120
         master_url = shown["urls"]["versioned"]
