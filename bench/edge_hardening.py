@@ -37,7 +37,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from common import free_port, stop, wait_for_http
+from benchlib import free_port, stop, wait_for_http
 from edge_hits import (
     CLIENT_CPU,
     OBJ_PATH,

@@ -57,7 +57,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from common import children_of, free_port, stop, wait_for_http
+from benchlib import children_of, free_port, stop, wait_for_http
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"

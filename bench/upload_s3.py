@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3.session
-from common import alive, children_of, free_port, wait_for_http
+from benchlib import alive, children_of, free_port, wait_for_http
 from moto.server import ThreadedMotoServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -259,6 +259,26 @@ class OriginProcess:
     env: dict[str, str]
 
 
+async def asset_published(
+    client: TestClient[Any, Any], asset_id: str, *, version: int | None = None
+) -> dict[str, Any]:
+    """Wait until the origin's API shows *asset_id* published (at *version* or later, when
+    given); a version that failed processing fails the test with its reason."""
+
+    async def shown_once_published() -> dict[str, Any] | None:
+        shown = await (await client.get(f"/v1/assets/{asset_id}", headers=AUTH)).json()
+        if shown["version"] is not None and (version is None or shown["version"] >= version):
+            return dict(shown)
+        assert shown["newest_state"] != "failed", shown["status_reason"]
+        return None
+
+    wanted = asset_id if version is None else f"{asset_id} v{version}"
+    asset: dict[str, Any] = await eventually_async(
+        shown_once_published, timeout_s=60, what=f"{wanted} being published", interval_s=0.05
+    )
+    return asset
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("KSHIPRA_")}
     env.update(

@@ -20,7 +20,7 @@ from assets.hashing import TreeHasher
 from assets.processing import job_key, profile_id
 from common.wire import WAITERS_PREFIX
 from origin.app import CONFIG, QUEUE, REDIS, STORE
-from tests.conftest import AUTH, OriginProcess, eventually_async, jpeg_bytes
+from tests.conftest import AUTH, OriginProcess, asset_published, jpeg_bytes
 from tests.fixtures_s3 import s3_client
 from tests.test_cli import kshipra
 
@@ -285,20 +285,6 @@ REAL_BANK = bank(
 )
 
 
-async def published(client: Client, asset_id: str) -> dict[str, Any]:
-    async def shown_once_published() -> dict[str, Any] | None:
-        shown = await (await client.get(f"/v1/assets/{asset_id}", headers=AUTH)).json()
-        if shown["version"] is not None:
-            return dict(shown)
-        assert shown["newest_state"] != "failed", shown["status_reason"]
-        return None
-
-    asset: dict[str, Any] = await eventually_async(
-        shown_once_published, timeout_s=60, what=f"{asset_id} being published", interval_s=0.05
-    )
-    return asset
-
-
 async def test_a_real_bank_is_published_with_its_extra_fields(local_origin: Client) -> None:
     response = await local_origin.post(
         "/v1/assets", params={"id": "real-bank"}, data=REAL_BANK, headers=AUTH
@@ -308,7 +294,7 @@ async def test_a_real_bank_is_published_with_its_extra_fields(local_origin: Clie
         expected_job_key(local_origin, "real-bank", REAL_BANK)
     )
     assert job is not None  # the key assert_not_queued looks for is the real one
-    asset = await published(local_origin, "real-bank")
+    asset = await asset_published(local_origin, "real-bank")
     path = "/" + asset["urls"]["versioned"].split("/", 3)[3]
     document = json.loads(await (await local_origin.get(path)).read())
     assert document["exam"] == "NEET"
@@ -341,7 +327,8 @@ async def test_a_session_for_bytes_already_held_checks_the_held_bank(
     assert again.status == 201, answer
     assert answer["asset"]["id"] == "bank-two"
     for asset_id in ("bank-one", "bank-two"):
-        assert (await published(local_origin, asset_id))["content_hash"] == request["content_hash"]
+        shown = await asset_published(local_origin, asset_id)
+        assert shown["content_hash"] == request["content_hash"]
 
 
 # ---- `kshipra upload` -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient
 
 from cdn_config import KshipraConfig
 from edge.app import EdgeSettings, create_app
-from tests.conftest import AUTH, bundle_bytes, eventually_async, origin_with_worker
+from tests.conftest import AUTH, asset_published, bundle_bytes, origin_with_worker
 from transcode.bundles import decode_dcz
 
 pytestmark = pytest.mark.integration
@@ -23,19 +23,7 @@ async def publish(origin: Client, body: bytes, asset_id: str) -> dict[str, Any]:
     response = await origin.post("/v1/assets", params={"id": asset_id}, data=body, headers=AUTH)
     version = (await response.json())["asset"]["newest_version"]
 
-    async def shown_once_published() -> dict[str, Any] | None:
-        shown: dict[str, Any] = await (
-            await origin.get(f"/v1/assets/{asset_id}", headers=AUTH)
-        ).json()
-        return shown if shown["version"] == version else None
-
-    asset: dict[str, Any] = await eventually_async(
-        shown_once_published,
-        timeout_s=60,
-        what=f"{asset_id} v{version} being published",
-        interval_s=0.05,
-    )
-    return asset
+    return await asset_published(origin, asset_id, version=version)
 
 
 async def test_bundle_deltas_reach_students_through_the_edge(

@@ -15,7 +15,14 @@ from assets.blobstore import BlobStore
 from assets.catalogue import AssetLayout
 from assets.hashing import BLOCK_BYTES, TreeHasher
 from origin.app import STORE
-from tests.conftest import AUTH, bundle_bytes, eventually_async, jpeg_bytes, png_bytes
+from tests.conftest import (
+    AUTH,
+    asset_published,
+    bundle_bytes,
+    eventually_async,
+    jpeg_bytes,
+    png_bytes,
+)
 from transcode.bundles import decode_dcz
 
 pytestmark = pytest.mark.integration
@@ -29,27 +36,10 @@ async def upload(client: Client, body: bytes, **params: str) -> tuple[int, dict[
     response = await client.post("/v1/assets", params=params, data=body, headers=AUTH)
     answer = await response.json()
     if response.status in (200, 201):
-        answer["asset"] = await published(client, answer["asset"])
+        answer["asset"] = await asset_published(
+            client, answer["asset"]["id"], version=answer["asset"]["newest_version"]
+        )
     return response.status, answer
-
-
-async def published(client: Client, asset: dict[str, Any]) -> dict[str, Any]:
-    version = asset["newest_version"]
-
-    async def shown_once_published() -> dict[str, Any] | None:
-        shown = await (await client.get(f"/v1/assets/{asset['id']}", headers=AUTH)).json()
-        if shown["version"] is not None and shown["version"] >= version:
-            return dict(shown)
-        assert shown["newest_state"] != "failed", shown["status_reason"]
-        return None
-
-    published_asset: dict[str, Any] = await eventually_async(
-        shown_once_published,
-        timeout_s=60,
-        what=f"{asset['id']} v{version} being published",
-        interval_s=0.05,
-    )
-    return published_asset
 
 
 async def stored_keys(client: Client) -> list[str]:
