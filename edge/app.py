@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, assert_never, cast
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11, RawRequestMessage
@@ -42,6 +42,7 @@ from common.http import (
 )
 from common.serving import RUNNER
 from common.wire import PURGE_SEEN_HEADER
+from edge import stages
 from edge.admission import Admission, AdmissionLimits
 from edge.cache import Hit, TieredCache
 from edge.compression import (
@@ -83,8 +84,6 @@ from edge.rfc9111 import (
     get_all,
     get_one,
     headers_to_store,
-    may_serve_stale_on_error,
-    may_serve_stale_when_unreachable,
     request_controls,
     reuse,
     split_list,
@@ -213,22 +212,25 @@ class ErrorAnswer:
 Outcome = Stored | Refreshed | Passed | ErrorAnswer
 
 
-_UNREACHABLE = frozenset({"refused", "timeout", "protocol", "shed"})
-"""The :class:`ErrorAnswer` details of a fetch that never got an answer from upstream."""
-CONTROL_PREFIX = "/v1/"
-"""The origin's control API (uploads, jobs, purges): never reachable through an edge."""
-
-
-def proxied(path: str, prefixes: Sequence[str]) -> bool:
-    """Does the edge proxy *path* (normalised)? Only under *prefixes*, never the origin's
-    control API."""
-    if path == CONTROL_PREFIX.rstrip("/") or path.startswith(CONTROL_PREFIX):
-        return False
-    return any(path.startswith(prefix) for prefix in prefixes)
-
-
 def http_date(moment: float) -> str:
     return format_datetime(datetime.fromtimestamp(moment, UTC), usegmt=True)
+
+
+def refusal_response(refusal: stages.Refuse) -> web.Response:
+    """The edge's own error answer for a :class:`edge.stages.Refuse` step."""
+    extra = {} if refusal.allow is None else {"Allow": refusal.allow}
+    return error_response(refusal.status, refusal.message, **extra)
+
+
+def fetch_result(outcome: Outcome) -> stages.FetchResult:
+    """A fetch's outcome as :func:`edge.stages.after_fetch` reads it."""
+    if isinstance(outcome, Stored):
+        return stages.FetchResult("stored")
+    if isinstance(outcome, Refreshed):
+        return stages.FetchResult("refreshed")
+    if isinstance(outcome, Passed):
+        return stages.FetchResult("passed", outcome.reason, streamable=outcome.response is not None)
+    return stages.FetchResult("error", outcome.detail, status=outcome.status)
 
 
 def error_response(status: int, message: str, **extra: str) -> web.Response:
@@ -302,7 +304,9 @@ def forwarded_request_headers(request: web.Request, *, encoding: str) -> list[tu
 class Edge:
     """One edge process: its tiers, its upstream, its in-flight fetches."""
 
-    def __init__(self, settings: EdgeSettings) -> None:
+    def __init__(self, settings: EdgeSettings, *, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        """Unix seconds now: every freshness decision of the full flow reads this clock."""
         self.settings = settings
         self.metrics = EdgeMetrics(self)  # reads the tiers lazily, at scrape time
         self.upstream = Upstream(
@@ -434,14 +438,14 @@ class Edge:
     # ---- recv ----------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if request.version < (1, 0):
-            return error_response(400, "HTTP/0.9 requests are not supported")
-        try:
-            target = normalise_target(request.raw_path)
-        except BadTarget as exc:
-            return error_response(400, f"bad request target: {exc}")
-        if not proxied(target.path, self.settings.proxied_prefixes):
-            return error_response(404, f"{target.path} is not served through this edge")
+        step = stages.recv(
+            request.method,
+            (request.version.major, request.version.minor),
+            request.raw_path,
+            self.settings.proxied_prefixes,
+        )
+        if isinstance(step, stages.Refuse) and step.status != 405:
+            return refusal_response(step)  # before admission: costs nothing upstream
         transport = request.transport
         refusal = await self.admission.admit(
             None if transport is None else transport.get_extra_info("peername")
@@ -451,23 +455,18 @@ class Edge:
                 refusal.status, refusal.message, **{"Retry-After": str(refusal.retry_after_s)}
             )
         try:
-            return await self._admitted(request, target)
+            await self._catch_up_with_child(request)  # purge
+            match step:
+                case stages.Lookup(target):
+                    return await self.cacheable(request, target)
+                case stages.PassUnsafe(target):
+                    return await self.pass_unsafe(request, target)
+                case stages.Refuse():
+                    return refusal_response(step)
+                case _:
+                    assert_never(step)
         finally:
             self.admission.done()
-
-    async def _admitted(self, request: web.Request, target: Target) -> web.StreamResponse:
-        await self._catch_up_with_child(request)  # purge
-        if request.method in ("GET", "HEAD"):
-            return await self.cacheable(request, target)
-        if request.method in ("CONNECT", "TRACE"):
-            # No tunnels through a reverse proxy; TRACE would echo students' headers
-            # (cookies, tokens) to a script that can make one (cross-site tracing).
-            return error_response(
-                405, f"method {request.method} is not allowed here", Allow="GET, HEAD"
-            )
-        # RFC 9110 §9.1: a proxy forwards methods it does not know (M-SEARCH, WebDAV, ...),
-        # uncached, and treats them as unsafe (RFC 9111 §4.4 invalidation).
-        return await self.pass_unsafe(request, target)
 
     async def _catch_up_with_child(self, request: web.Request) -> None:
         """purge: a child edge that applied a purge we have not must not refill from us what
@@ -481,30 +480,25 @@ class Edge:
     # ---- hash, lookup, hit ---------------------------------------------------------------
 
     async def cacheable(self, request: web.Request, target: Target) -> web.StreamResponse:
-        key = primary_key(self.host, target)
+        key = stages.hash_key(self.host, target)
         headers = list(request.headers.items())
         controls = request_controls(headers)
         found = await self.cache.lookup_variant(key, headers)
-        hit = found.hit
-        now = time.time()
-        if hit is not None and hit.meta.kind in ("full", "sliced"):
-            freshness = hit.meta.freshness(now)
-            decision = reuse(freshness, controls)
-            if decision == "fresh":
-                self.metrics.hit()
-                return await self.deliver(request, hit, status=f"hit; ttl={int(freshness.ttl_s)}")
-            if decision == "stale-while-revalidate":
-                self.metrics.stale()
-                self.refresh_in_background(request, target, key)
-                return await self.deliver(request, hit, status=f"hit; ttl={int(freshness.ttl_s)}")
-            if controls.only_if_cached:
-                return error_response(504, "only-if-cached: the stored response is stale")
-            fwd = "request" if controls.no_cache else "stale"
-            return await self.fetch_and_deliver(request, target, key, hit, controls, fwd=fwd)
-        if controls.only_if_cached:
-            return error_response(504, "only-if-cached: nothing stored for this URL")
-        fwd = "vary-miss" if found.url_known else "uri-miss"
-        return await self.fetch_and_deliver(request, target, key, None, controls, fwd=fwd)
+        step = stages.hit_or_miss(found, controls, self.clock())
+        match step:
+            case stages.Deliver(hit, cache_status, refresh):
+                if refresh:
+                    self.metrics.stale()
+                    self.refresh_in_background(request, target, key)
+                else:
+                    self.metrics.hit()
+                return await self.deliver(request, hit, status=cache_status)
+            case stages.Refuse():
+                return refusal_response(step)
+            case stages.Fetch(stale, fwd):
+                return await self.fetch_and_deliver(request, target, key, stale, controls, fwd=fwd)
+            case _:
+                assert_never(step)
 
     # ---- fetch (collapsed) ---------------------------------------------------------------
 
@@ -524,8 +518,7 @@ class Edge:
         fwd: str,
     ) -> web.StreamResponse:
         self.metrics.miss()
-        pass_until = self._hit_for_miss.get(key)
-        if pass_until is not None and pass_until > time.time():
+        if isinstance(stages.miss(self._hit_for_miss.get(key), self.clock()), stages.Bypass):
             return await self.pass_get(request, target, fwd="bypass")
         future, leader = self._join_or_start(
             self._collapse_key(key, request), lambda: self.fetch(request, target, key, stale)
@@ -581,43 +574,41 @@ class Edge:
         *,
         leader: bool,
     ) -> web.StreamResponse:
-        if isinstance(outcome, Stored | Refreshed):
-            found = await self.cache.lookup_variant(key, list(request.headers.items()))
-            if found.hit is not None and found.hit.meta.kind in ("full", "sliced"):
-                ttl = int(found.hit.meta.freshness(time.time()).ttl_s)
-                status = "fwd-status=304" if isinstance(outcome, Refreshed) else "stored"
-                return await self.deliver(
-                    request, found.hit, status=f"fwd={fwd}; {status}; ttl={ttl}"
-                )
-            # Stored under another variant (a Vary field we do not collapse on): fetch ours.
-            return await self.pass_get(request, target, fwd=fwd)
-        if isinstance(outcome, Passed):
-            if leader and outcome.response is not None:
-                return await self.stream_passed(
-                    request, outcome.response, fwd=fwd, detail=outcome.reason
-                )
-            return await self.pass_get(request, target, fwd=fwd)
-        # ErrorAnswer: stale-if-error, or the error for everyone.
-        if stale is not None:
-            freshness = stale.meta.freshness(time.time())
-            why = None
-            if may_serve_stale_on_error(freshness, controls):
-                why = "stale-if-error"
-            elif outcome.detail in _UNREACHABLE and may_serve_stale_when_unreachable(
-                freshness, self.settings.stale_if_unreachable_s
-            ):
-                why = "stale-if-unreachable"
-            if why is not None:
-                self.metrics.stale()
-                return await self.deliver(
-                    request, stale, status=f"fwd={fwd}; fwd-status={outcome.status}; detail={why}"
-                )
-        headers = CIMultiDict(outcome.headers)
-        detail = re.sub(r"[^A-Za-z0-9-]", "-", outcome.detail)[:40]
-        headers["Cache-Status"] = (
-            f"{self.settings.name}; fwd={fwd}; fwd-status={outcome.status}; detail={detail}"
+        step = stages.after_fetch(
+            fetch_result(outcome),
+            stale=stale,
+            controls=controls,
+            fwd=fwd,
+            leader=leader,
+            now=self.clock(),
+            grace_s=self.settings.stale_if_unreachable_s,
         )
-        return web.Response(status=outcome.status, headers=headers, body=outcome.body)
+        match step:
+            case stages.LookupAgain(cache_status):
+                found = await self.cache.lookup_variant(key, list(request.headers.items()))
+                if found.hit is not None and found.hit.meta.kind in ("full", "sliced"):
+                    ttl = int(found.hit.meta.freshness(self.clock()).ttl_s)
+                    return await self.deliver(
+                        request, found.hit, status=f"{cache_status}; ttl={ttl}"
+                    )
+                # Stored under another variant (a Vary field we do not collapse on): fetch ours.
+                return await self.pass_get(request, target, fwd=fwd)
+            case stages.StreamPassed(detail):
+                assert isinstance(outcome, Passed)
+                assert outcome.response is not None
+                return await self.stream_passed(request, outcome.response, fwd=fwd, detail=detail)
+            case stages.PassAgain():
+                return await self.pass_get(request, target, fwd=fwd)
+            case stages.DeliverStale(hit, cache_status):
+                self.metrics.stale()
+                return await self.deliver(request, hit, status=cache_status)
+            case stages.AnswerError(cache_status):
+                assert isinstance(outcome, ErrorAnswer)
+                headers = CIMultiDict(outcome.headers)
+                headers["Cache-Status"] = self._cache_status(cache_status)
+                return web.Response(status=outcome.status, headers=headers, body=outcome.body)
+            case _:
+                assert_never(step)
 
     def _upstream_headers(self, request: web.Request, stale: Hit | None) -> list[tuple[str, str]]:
         headers = self._forward(
@@ -706,11 +697,11 @@ class Edge:
             if len(marks) >= self.settings.hit_for_miss_max_keys:
                 # Bounded: an attacker walking random uncacheable URLs must not grow the edge
                 # without limit. Forgetting marks costs only their queueing shortcut.
-                now = time.time()
+                now = self.clock()
                 self._hit_for_miss = marks = {k: t for k, t in marks.items() if t > now}
                 if len(marks) >= self.settings.hit_for_miss_max_keys:
                     marks.clear()
-            marks[key] = time.time() + self.settings.hit_for_miss_s
+            marks[key] = self.clock() + self.settings.hit_for_miss_s
             return Passed(response, f"uncacheable-{reason}")
         self._hit_for_miss.pop(key, None)
         stored_headers = headers_to_store(headers)
@@ -910,7 +901,7 @@ class Edge:
             f"{self.settings.name}; fwd={fwd}; fwd-status={response.status}; detail={detail}"
         )
         if "Date" not in headers:
-            headers["Date"] = http_date(time.time())
+            headers["Date"] = http_date(self.clock())
         out = web.StreamResponse(status=response.status, headers=headers)
         length = headers.get("Content-Length")
         if length is not None and length.isdigit():
@@ -1025,7 +1016,7 @@ class Edge:
         meta = entry.meta
         if meta.kind != "full" or meta.status != 200:
             return None
-        freshness = meta.freshness(time.time())
+        freshness = meta.freshness(self.clock())
         if reuse(freshness, _NO_CONTROLS) != "fresh":
             return None
         served = self._express_encoded(entry, headers) if meta.encodable else entry
@@ -1170,7 +1161,7 @@ class Edge:
         return headers
 
     async def deliver(self, request: web.Request, hit: Hit, *, status: str) -> web.StreamResponse:
-        now = time.time()
+        now = self.clock()
         meta = hit.meta
         if meta.kind == "full" and meta.status == 200 and "Range" not in request.headers:
             hit, meta = await self._encoded_variant(request, hit)

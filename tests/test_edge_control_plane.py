@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from edge.app import proxied
+from edge.stages import proxied
 from tests.conftest import PURGE_TOKEN
 from tests.edge_fixtures import ScriptedOrigin
 
