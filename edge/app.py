@@ -80,18 +80,13 @@ from edge.rfc9111 import (
     Headers,
     RequestControls,
     conditional_headers,
-    freshen_headers,
     get_all,
     get_one,
-    headers_to_store,
     request_controls,
     reuse,
     split_list,
-    storability,
     strip_hop_by_hop,
     unsafe_invalidations,
-    validator_matches,
-    vary_names,
 )
 from edge.tiers.disk import CorruptEntryError, DiskTier
 from edge.upstream import Upstream, UpstreamError, UpstreamResponse
@@ -109,7 +104,6 @@ CDN-Cache-Control — in its answer, so edges behind a shield can purge by tag a
 TTLs. Anyone else gets them stripped."""
 ERROR_BODY_LIMIT_BYTES = 256 * 1024
 SENDFILE_CHUNK_BYTES = 256 * 1024
-_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 _HTTP11 = HttpVersion11
 _EXPRESS_BLOCKERS = (
     "Range",
@@ -648,96 +642,65 @@ class Edge:
         *,
         purge_epoch: int | None = None,
     ) -> Outcome:
-        if response.status == 304 and stale is not None:
-            response.close()
-            if not validator_matches(stale.meta.headers, response.headers):
-                await self.cache.remove(stale.key)
-                return Passed(None, "304-mismatch")
-            meta = stale.meta.with_headers(
-                freshen_headers(stale.meta.headers, response.headers),
-                request_time=response.request_time,
-                response_time=response.response_time,
-            )
-            await self.cache.update_meta(stale.key, meta)
-            return Refreshed()
-        if response.status >= 500:
-            try:
-                body = await response.read(ERROR_BODY_LIMIT_BYTES)
-            except UpstreamError:
-                body = b""
-            return ErrorAnswer(
-                response.status, tuple(_deliverable(response.headers)), body, "upstream-error"
-            )
-        status, headers = response.status, response.headers
-        total: int | None = None
-        if status == 206:
-            parsed = _content_range(get_one(headers, "content-range"))
-            if parsed is None or parsed[0] != 0:
+        step = stages.backend_response(
+            stages.BackendResponse(
+                response.status,
+                tuple(response.headers),
+                response.request_time,
+                response.response_time,
+            ),
+            key=key,
+            stale=stale,
+            request_headers=list(request.headers.items()),
+            purged_meanwhile=purge_epoch is not None and purge_epoch != self.purge_epoch,
+        )
+        match step:
+            case stages.Refresh(stale_key, meta):
                 response.close()
-                return Passed(None, "bad-content-range")
-            _, last, total = parsed
-            if last == total - 1:  # the whole object fitted in the first slice
-                status = 200
-                headers = [
-                    (k, v)
-                    for k, v in headers
-                    if k.lower() not in ("content-range", "content-length")
-                ]
-                headers.append(("Content-Length", str(total)))
-                total = None
-        request_headers = list(request.headers.items())
-        reason = storability(
-            method="GET",
-            status=status if total is None else 200,
-            request_headers=request_headers,
-            response_headers=headers,
-        )
-        if reason is not None:
-            marks = self._hit_for_miss
+                await self.cache.update_meta(stale_key, meta)
+                return Refreshed()
+            case stages.DropStale(stale_key):
+                response.close()
+                await self.cache.remove(stale_key)
+                return Passed(None, "304-mismatch")
+            case stages.UpstreamFailed():
+                try:
+                    body = await response.read(ERROR_BODY_LIMIT_BYTES)
+                except UpstreamError:
+                    body = b""
+                return ErrorAnswer(
+                    response.status, tuple(_deliverable(response.headers)), body, "upstream-error"
+                )
+            case stages.Uncacheable(reason, remember):
+                if not remember:
+                    response.close()
+                    return Passed(None, reason)
+                self._remember_uncacheable(key)
+                return Passed(response, reason)
+            case stages.Store(store_key, meta, marker, total):
+                self._hit_for_miss.pop(key, None)
+                if marker is not None:
+                    await self.cache.store_bytes(key, marker, b"")
+                try:
+                    if total is not None:
+                        return await self._store_sliced(store_key, meta, response, total)
+                    return await self._store_full(store_key, meta, response)
+                except UpstreamError as exc:
+                    return ErrorAnswer(502, (), error_json(502, str(exc)), "upstream-body")
+            case _:
+                assert_never(step)
+
+    def _remember_uncacheable(self, key: str) -> None:
+        """Hit-for-miss: pass *key* uncollapsed for ``hit_for_miss_s``."""
+        marks = self._hit_for_miss
+        if len(marks) >= self.settings.hit_for_miss_max_keys:
+            # Bounded: an attacker walking random uncacheable URLs must not grow the edge
+            # without limit. Forgetting marks costs only their queueing shortcut.
+            now = self.clock()
+            self._hit_for_miss = marks = {k: t for k, t in marks.items() if t > now}
             if len(marks) >= self.settings.hit_for_miss_max_keys:
-                # Bounded: an attacker walking random uncacheable URLs must not grow the edge
-                # without limit. Forgetting marks costs only their queueing shortcut.
-                now = self.clock()
-                self._hit_for_miss = marks = {k: t for k, t in marks.items() if t > now}
-                if len(marks) >= self.settings.hit_for_miss_max_keys:
-                    marks.clear()
-            marks[key] = self.clock() + self.settings.hit_for_miss_s
-            return Passed(response, f"uncacheable-{reason}")
-        self._hit_for_miss.pop(key, None)
-        stored_headers = headers_to_store(headers)
-        vary = vary_names(stored_headers)
-        tags = tuple(
-            tag for value in get_all(stored_headers, "surrogate-key") for tag in value.split()
-        )
-        store_key = key
-        if vary:
-            marker = EntryMeta(
-                kind="vary", vary=vary, url_key=key, response_time=response.response_time
-            )
-            await self.cache.store_bytes(key, marker, b"")
-            store_key = key + VARIANT_SEP + secondary_key(vary, request_headers)
-        elif stale is not None and stale.key != key:
-            store_key = stale.key
-        base = EntryMeta(
-            kind="full",
-            status=status,
-            headers=tuple(stored_headers),
-            request_time=response.request_time,
-            response_time=response.response_time,
-            vary=vary,
-            tags=tags,
-            url_key=key,
-            etag=get_one(stored_headers, "etag"),
-            # A purge applied while this response was on its way may have been meant for
-            # it: keep it, but revalidate before serving it as fresh.
-            soft_purged=purge_epoch is not None and purge_epoch != self.purge_epoch,
-        )
-        try:
-            if total is not None:
-                return await self._store_sliced(store_key, base, response, total)
-            return await self._store_full(store_key, base, response)
-        except UpstreamError as exc:
-            return ErrorAnswer(502, (), error_json(502, str(exc)), "upstream-body")
+                marks.clear()
+        marks[key] = self.clock() + self.settings.hit_for_miss_s
 
     async def _store_full(self, key: str, base: EntryMeta, response: UpstreamResponse) -> Outcome:
         length_text = get_one(base.headers, "content-length")
@@ -836,7 +799,7 @@ class Edge:
             headers.append(("If-Match", meta.etag))
         target = normalise_target(request.raw_path)
         response = await self.upstream.request("GET", target.path_and_query, headers)
-        parsed = _content_range(get_one(response.headers, "content-range"))
+        parsed = stages.content_range(get_one(response.headers, "content-range"))
         if (
             response.status != 206
             or parsed != (start, end, meta.total_bytes)
@@ -1460,18 +1423,6 @@ def _with_length(headers: tuple[tuple[str, str], ...], length: int) -> tuple[tup
         [(k, v) for k, v in headers if k.lower() != "content-length"]
         + [("Content-Length", str(length))]
     )
-
-
-def _content_range(value: str | None) -> tuple[int, int, int] | None:
-    if value is None:
-        return None
-    match = _CONTENT_RANGE_RE.match(value.strip())
-    if match is None:
-        return None
-    first, last, total = (int(group) for group in match.groups())
-    if last < first or last >= total:
-        return None
-    return first, last, total
 
 
 async def _streamed_body(

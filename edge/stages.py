@@ -18,6 +18,9 @@ The steps:
   :class:`Refuse` (``only-if-cached``) or :class:`Fetch` (a miss or a revalidation).
 * :func:`miss`: :class:`Bypass` while the URL is remembered as uncacheable (hit-for-miss),
   else :class:`Collapse` (fetch once for every request waiting on the key).
+* :func:`backend_response`: what upstream answered → :class:`Refresh` (a matching 304),
+  :class:`DropStale` (a 304 that does not match), :class:`UpstreamFailed` (5xx),
+  :class:`Uncacheable` or :class:`Store` (with the metadata to store, and a Vary marker).
 * :func:`after_fetch`: the fetch's outcome → :class:`LookupAgain` (stored or refreshed),
   :class:`StreamPassed` (the leader streams an uncacheable answer), :class:`PassAgain` (a
   waiter fetches for itself), :class:`DeliverStale` (stale-if-error, or the edge's grace when
@@ -32,12 +35,21 @@ from dataclasses import dataclass
 from typing import Literal
 
 from edge.cache import Hit, VariantLookup
-from edge.keys import BadTarget, Target, normalise_target, primary_key
+from edge.entry import VARIANT_SEP, EntryMeta
+from edge.keys import BadTarget, Target, normalise_target, primary_key, secondary_key
 from edge.rfc9111 import (
+    Headers,
     RequestControls,
+    freshen_headers,
+    get_all,
+    get_one,
+    headers_to_store,
     may_serve_stale_on_error,
     may_serve_stale_when_unreachable,
     reuse,
+    storability,
+    validator_matches,
+    vary_names,
 )
 
 CONTROL_PREFIX = "/v1/"
@@ -256,3 +268,155 @@ def after_fetch(
             return DeliverStale(stale, f"fwd={fwd}; fwd-status={result.status}; detail={why}")
     detail = re.sub(r"[^A-Za-z0-9-]", "-", result.detail)[:40]
     return AnswerError(f"fwd={fwd}; fwd-status={result.status}; detail={detail}")
+
+
+# ---- backend_response ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BackendResponse:
+    """What arrived from upstream, without its body."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    request_time: float
+    response_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """A 304 that matches the stored response: store *meta* (freshened) in its place."""
+
+    key: str
+    meta: EntryMeta
+
+
+@dataclass(frozen=True, slots=True)
+class DropStale:
+    """A 304 whose validators do not match what is stored: drop that, and pass."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailed:
+    """A 5xx: read its (small) body and answer it, or stale where allowed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Uncacheable:
+    """Pass the answer to the client; remember the URL as uncacheable for a while
+    (hit-for-miss) when *remember*."""
+
+    reason: str
+    remember: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    """Store the body under *key* with *meta*; first a Vary marker under the URL key, when
+    there is one. *total*: the object's whole size when this is its first slice (a 206)."""
+
+    key: str
+    meta: EntryMeta
+    marker: EntryMeta | None
+    total: int | None
+
+
+BackendStep = Refresh | DropStale | UpstreamFailed | Uncacheable | Store
+
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+
+
+def content_range(value: str | None) -> tuple[int, int, int] | None:
+    """``Content-Range: bytes first-last/total`` (RFC 9110 §14.4), or ``None`` if invalid."""
+    if value is None:
+        return None
+    match = _CONTENT_RANGE_RE.match(value.strip())
+    if match is None:
+        return None
+    first, last, total = (int(group) for group in match.groups())
+    if last < first or last >= total:
+        return None
+    return first, last, total
+
+
+def backend_response(
+    response: BackendResponse,
+    *,
+    key: str,
+    stale: Hit | None,
+    request_headers: Headers,
+    purged_meanwhile: bool,
+) -> BackendStep:
+    """vcl_backend_response: what to do with an upstream answer for cache key *key*, fetched
+    to revalidate *stale* (or on a miss). *purged_meanwhile*: a purge was applied while the
+    answer was on its way, so it may have been meant for it (keep it, but revalidate before
+    serving it as fresh)."""
+    if response.status == 304 and stale is not None:
+        if not validator_matches(stale.meta.headers, response.headers):
+            return DropStale(stale.key)
+        meta = stale.meta.with_headers(
+            freshen_headers(stale.meta.headers, response.headers),
+            request_time=response.request_time,
+            response_time=response.response_time,
+        )
+        return Refresh(stale.key, meta)
+    if response.status >= 500:
+        return UpstreamFailed()
+    status, headers, total = _first_slice(response)
+    if status is None:
+        return Uncacheable("bad-content-range", remember=False)
+    reason = storability(
+        method="GET",
+        status=status if total is None else 200,
+        request_headers=request_headers,
+        response_headers=headers,
+    )
+    if reason is not None:
+        return Uncacheable(f"uncacheable-{reason}")
+    stored_headers = tuple(headers_to_store(headers))
+    vary = vary_names(stored_headers)
+    tags = tuple(tag for value in get_all(stored_headers, "surrogate-key") for tag in value.split())
+    store_key, marker = key, None
+    if vary:
+        marker = EntryMeta(
+            kind="vary", vary=vary, url_key=key, response_time=response.response_time
+        )
+        store_key = key + VARIANT_SEP + secondary_key(vary, request_headers)
+    elif stale is not None and stale.key != key:
+        store_key = stale.key
+    meta = EntryMeta(
+        kind="full",
+        status=status,
+        headers=stored_headers,
+        request_time=response.request_time,
+        response_time=response.response_time,
+        vary=vary,
+        tags=tags,
+        url_key=key,
+        etag=get_one(stored_headers, "etag"),
+        soft_purged=purged_meanwhile,
+    )
+    return Store(store_key, meta, marker, total)
+
+
+def _first_slice(
+    response: BackendResponse,
+) -> tuple[int | None, tuple[tuple[str, str], ...], int | None]:
+    """``(status, headers, total)``: a 206 that holds the whole object is a 200 with its
+    length; one that starts a larger object keeps its total; an invalid one has status
+    ``None``."""
+    status, headers = response.status, response.headers
+    if status != 206:
+        return status, headers, None
+    parsed = content_range(get_one(headers, "content-range"))
+    if parsed is None or parsed[0] != 0:
+        return None, headers, None
+    _, last, total = parsed
+    if last != total - 1:
+        return status, headers, total
+    whole = tuple(
+        (k, v) for k, v in headers if k.lower() not in ("content-range", "content-length")
+    )
+    return 200, (*whole, ("Content-Length", str(total))), None

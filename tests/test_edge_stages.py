@@ -256,3 +256,130 @@ def test_an_error_detail_is_made_safe_for_cache_status() -> None:
     detail = step.cache_status.rsplit("detail=", 1)[1]
     assert len(detail) == 40
     assert set(detail) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
+
+
+# ---- backend_response ---------------------------------------------------------------------------
+
+
+def upstream(status: int, *headers: tuple[str, str]) -> stages.BackendResponse:
+    return stages.BackendResponse(status, headers, NOW - 0.1, NOW)
+
+
+def backend(
+    response: stages.BackendResponse,
+    *,
+    stale: Hit | None = None,
+    request_headers: tuple[tuple[str, str], ...] = (),
+    purged_meanwhile: bool = False,
+) -> stages.BackendStep:
+    return stages.backend_response(
+        response,
+        key="k",
+        stale=stale,
+        request_headers=list(request_headers),
+        purged_meanwhile=purged_meanwhile,
+    )
+
+
+def test_a_matching_304_refreshes_the_stored_response() -> None:
+    stale = Hit(
+        "k",
+        EntryMeta("full", headers=(("Cache-Control", "max-age=60"), ("ETag", '"v1"'))),
+        body=b"abc",
+    )
+    step = backend(upstream(304, ("ETag", '"v1"'), ("Cache-Control", "max-age=120")), stale=stale)
+    assert isinstance(step, stages.Refresh)
+    assert step.key == "k"
+    assert step.meta.header("cache-control") == "max-age=120"
+    assert step.meta.response_time == NOW
+
+
+def test_a_304_for_another_version_drops_what_is_stored() -> None:
+    stale = Hit("k", EntryMeta("full", headers=(("ETag", '"v1"'),)), body=b"abc")
+    assert backend(upstream(304, ("ETag", '"v2"')), stale=stale) == stages.DropStale("k")
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        (upstream(503), stages.UpstreamFailed()),
+        (upstream(500, ("Cache-Control", "max-age=60")), stages.UpstreamFailed()),
+        (upstream(200, ("Cache-Control", "private")), stages.Uncacheable("uncacheable-private")),
+        (
+            upstream(200, ("Cache-Control", "no-store")),
+            stages.Uncacheable("uncacheable-no-store"),
+        ),
+        (
+            upstream(206, ("Content-Range", "bytes 5-9/100")),
+            stages.Uncacheable("bad-content-range", remember=False),
+        ),
+        (
+            upstream(206, ("Content-Range", "bytes 0-9/5")),
+            stages.Uncacheable("bad-content-range", remember=False),
+        ),
+    ],
+)
+def test_what_is_not_stored(response: stages.BackendResponse, expected: stages.BackendStep) -> None:
+    step = backend(response)
+    if isinstance(expected, stages.Uncacheable) and expected.remember:
+        assert isinstance(step, stages.Uncacheable)
+        assert step.reason.startswith(expected.reason)
+    else:
+        assert step == expected
+
+
+def test_a_storable_answer_is_stored_with_its_tags_and_validator() -> None:
+    step = backend(
+        upstream(
+            200,
+            ("Cache-Control", "max-age=60"),
+            ("ETag", '"v3"'),
+            ("Surrogate-Key", "bundle:x  all"),
+            ("Content-Length", "3"),
+        ),
+        purged_meanwhile=True,
+    )
+    assert isinstance(step, stages.Store)
+    assert (step.key, step.marker, step.total) == ("k", None, None)
+    assert step.meta.tags == ("bundle:x", "all")
+    assert step.meta.etag == '"v3"'
+    assert step.meta.soft_purged  # revalidated before it is served as fresh
+
+
+def test_a_varying_answer_is_stored_under_its_variant_with_a_marker() -> None:
+    step = backend(
+        upstream(200, ("Cache-Control", "max-age=60"), ("Vary", "Accept-Language")),
+        request_headers=(("Accept-Language", "hi"),),
+    )
+    assert isinstance(step, stages.Store)
+    assert step.marker is not None
+    assert step.marker.kind == "vary"
+    assert step.marker.vary == ("accept-language",)
+    assert step.key.startswith("k")
+    assert step.key != "k"
+    other = backend(
+        upstream(200, ("Cache-Control", "max-age=60"), ("Vary", "Accept-Language")),
+        request_headers=(("Accept-Language", "en"),),
+    )
+    assert isinstance(other, stages.Store)
+    assert other.key != step.key
+
+
+def test_a_first_slice_keeps_the_total_and_a_whole_one_becomes_a_200() -> None:
+    first = backend(
+        upstream(206, ("Cache-Control", "max-age=60"), ("Content-Range", "bytes 0-9/100"))
+    )
+    assert isinstance(first, stages.Store)
+    assert (first.meta.status, first.total) == (206, 100)
+    whole = backend(
+        upstream(
+            206,
+            ("Cache-Control", "max-age=60"),
+            ("Content-Range", "bytes 0-9/10"),
+            ("Content-Length", "10"),
+        )
+    )
+    assert isinstance(whole, stages.Store)
+    assert (whole.meta.status, whole.total) == (200, None)
+    assert whole.meta.header("content-length") == "10"
+    assert whole.meta.header("content-range") is None
