@@ -20,7 +20,7 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -45,6 +45,7 @@ from common.wire import PURGE_SEEN_HEADER
 from edge import stages
 from edge.admission import Admission, AdmissionLimits
 from edge.cache import Hit, TieredCache
+from edge.collapse import Collapser
 from edge.compression import (
     INLINE_COMPRESS_BYTES,
     compress,
@@ -333,11 +334,16 @@ class Edge:
                 policy=make_policy(settings.policy, settings.disk_bytes),
             )
         self.cache = TieredCache(memory, disk)
-        self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+        self.collapser: Collapser[Outcome] = Collapser(
+            on_error=lambda exc: ErrorAnswer(
+                502, (), error_json(502, f"edge fetch failed: {exc}"), "edge"
+            ),
+            on_collapsed=self.metrics.collapsed,
+        )
+        """Fetches in flight, and every background task of this edge."""
         self.purge_epoch = 0
         """Counts applied purge batches; a fetch that spans one stores its answer soft-purged."""
         self._hit_for_miss: dict[str, float] = {}
-        self._background: set[asyncio.Task[Any]] = set()
         self.purge_consumer: PurgeConsumer | None = None
         self._express_keys: dict[str, str] = {}
         self._express_codings: dict[str, str] = {}
@@ -347,9 +353,7 @@ class Edge:
         if self.cache.disk is not None:
             count = await self.cache.disk.open()
             log.info("%s: disk tier holds %d entries", self.settings.name, count)
-            task = asyncio.create_task(self._sync_disk_forever(self.cache.disk))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self.collapser.spawn(self._sync_disk_forever(self.cache.disk))
         # purge: catch up with the purge stream before serving
         if self.settings.redis_url is not None:
             disk_dir = self.settings.disk_dir
@@ -402,9 +406,7 @@ class Edge:
         if self.purge_consumer is not None:  # purge
             await self.purge_consumer.stop()
             self.purge_consumer = None
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.collapser.close()
         await self.upstream.close()
         self.doorman.close()
         if self.cache.disk is not None:
@@ -514,7 +516,7 @@ class Edge:
         self.metrics.miss()
         if isinstance(stages.miss(self._hit_for_miss.get(key), self.clock()), stages.Bypass):
             return await self.pass_get(request, target, fwd="bypass")
-        future, leader = self._join_or_start(
+        future, leader = self.collapser.join_or_start(
             self._collapse_key(key, request), lambda: self.fetch(request, target, key, stale)
         )
         try:
@@ -526,35 +528,6 @@ class Edge:
         return await self.after_fetch(
             request, target, key, stale, controls, outcome, fwd, leader=leader
         )
-
-    def _join_or_start(
-        self, collapse_key: str, fetch: Callable[[], Awaitable[Outcome]]
-    ) -> tuple[asyncio.Future[Outcome], bool]:
-        """Request collapsing: the first request for a key starts the fetch (in its own task,
-        so a client that leaves does not cancel it for the others); later ones wait for it."""
-        existing = self._inflight.get(collapse_key)
-        if existing is not None:
-            self.metrics.collapsed()
-            return existing, False
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._inflight[collapse_key] = future
-
-        async def run() -> None:
-            try:
-                outcome = await fetch()
-            except Exception as exc:
-                log.exception("fetch for %r failed", collapse_key)
-                outcome = ErrorAnswer(502, (), error_json(502, f"edge fetch failed: {exc}"), "edge")
-            finally:
-                if self._inflight.get(collapse_key) is future:
-                    del self._inflight[collapse_key]
-            if not future.done():
-                future.set_result(outcome)
-
-        task = asyncio.create_task(run())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return future, True
 
     async def after_fetch(
         self,
@@ -778,7 +751,7 @@ class Edge:
         found = await self.cache.lookup(slice_key)
         if found is not None and found.meta.etag == index.meta.etag:
             return found
-        future, _ = self._join_or_start(
+        future, _ = self.collapser.join_or_start(
             slice_key, lambda: self._fetch_slice(request, index, number)
         )
         outcome = await asyncio.shield(future)
@@ -823,7 +796,7 @@ class Edge:
         """stale-while-revalidate: one background refresh per key; clients are not kept
         waiting."""
         collapse_key = self._collapse_key(key, request)
-        if collapse_key in self._inflight:
+        if collapse_key in self.collapser:
             return
         request_headers = list(request.headers.items())
 
@@ -831,7 +804,7 @@ class Edge:
             found = await self.cache.lookup_variant(key, request_headers)
             return await self.fetch(request, target, key, found.hit)
 
-        future, _ = self._join_or_start(collapse_key, refresh)
+        future, _ = self.collapser.join_or_start(collapse_key, refresh)
         future.add_done_callback(_close_passed)
 
     # ---- pass ----------------------------------------------------------------------------
