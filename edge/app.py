@@ -34,11 +34,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from common.auth import bearer_check
 from common.errors import error_body, error_json
 from common.http import (
-    ByteSpan,
-    Unsatisfiable,
     evaluate_preconditions,
-    parse_http_date,
-    select_range,
 )
 from common.serving import RUNNER
 from common.wire import PURGE_SEEN_HEADER
@@ -96,7 +92,6 @@ log = logging.getLogger(__name__)
 
 MAX_UNSAFE_BODY_BYTES = 64 * 1024 * 1024
 MAX_HEADER_BLOCK_BYTES = 32 * 1024
-_CONDITIONALS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since")
 REQUEST_BODY_TIMEOUT_S = 30.0
 FLEET_HEADER = "Kshipra-Edge-Key"
 """Sent by an edge to its parent. A parent that recognises the key (derived from the purge
@@ -1108,45 +1103,26 @@ class Edge:
             v.strip().lower() for v in split_list(headers.getall("Vary", []))
         }:
             headers.add("Vary", "Accept-Encoding")
-        size = meta.total_bytes if meta.kind == "sliced" else meta.body_bytes
-        if meta.status != 200:
-            return await self._send(request, hit, headers, meta.status, 0, size)
-        headers["Accept-Ranges"] = "bytes"
-        request_headers = request.headers
-        conditional = any(name in request_headers for name in _CONDITIONALS)
-        if not conditional and "Range" not in request_headers:
-            return await self._send(request, hit, headers, 200, 0, size)
-        etag = meta.header("etag")
-        last_modified = parse_http_date(meta.header("last-modified")) or datetime.fromtimestamp(
-            meta.response_time, UTC
-        )
-        if conditional:
-            precondition = evaluate_preconditions(
-                request.method, request_headers, etag=etag or '"-"', last_modified=last_modified
-            )
-            if etag is None and any(h in request_headers for h in ("If-None-Match", "If-Match")):
-                precondition = "proceed" if "If-Match" not in request_headers else "failed"
-            if precondition == "not-modified":
+        if meta.status == 200:
+            headers["Accept-Ranges"] = "bytes"
+        step = stages.deliver(meta, request.method, request.headers)
+        match step:
+            case stages.Send(code, start, length, content_range):
+                if content_range is not None:
+                    headers["Content-Range"] = content_range
+                return await self._send(request, hit, headers, code, start, length)
+            case stages.NotModified():
                 for name in _NOT_IN_304:
                     headers.popall(name, None)
                 return web.Response(status=304, headers=headers)
-            if precondition == "failed":
-                return error_response(412, "a precondition in the request did not hold")
-        decision = select_range(
-            request_headers.get("Range"),
-            size_bytes=size,
-            if_range=request_headers.get("If-Range"),
-            etag=etag or '"-"',
-            last_modified=last_modified,
-        )
-        if isinstance(decision, Unsatisfiable):
-            headers["Content-Range"] = f"bytes */{size}"
-            headers["Content-Type"] = "application/json"
-            return web.Response(status=416, headers=headers, body=error_json(416, decision.reason))
-        if isinstance(decision, ByteSpan):
-            headers["Content-Range"] = decision.content_range(size)
-            return await self._send(request, hit, headers, 206, decision.start, decision.length)
-        return await self._send(request, hit, headers, 200, 0, size)
+            case stages.Refuse():
+                return refusal_response(step)
+            case stages.RangeRefused(size, reason):
+                headers["Content-Range"] = f"bytes */{size}"
+                headers["Content-Type"] = "application/json"
+                return web.Response(status=416, headers=headers, body=error_json(416, reason))
+            case _:
+                assert_never(step)
 
     async def _send(
         self,

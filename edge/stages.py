@@ -21,6 +21,9 @@ The steps:
 * :func:`backend_response`: what upstream answered → :class:`Refresh` (a matching 304),
   :class:`DropStale` (a 304 that does not match), :class:`UpstreamFailed` (5xx),
   :class:`Uncacheable` or :class:`Store` (with the metadata to store, and a Vary marker).
+* :func:`deliver`: a stored response against the request's preconditions and ``Range`` →
+  :class:`Send` (whole, or one range), :class:`NotModified`, :class:`Refuse` (412) or
+  :class:`RangeRefused` (416).
 * :func:`after_fetch`: the fetch's outcome → :class:`LookupAgain` (stored or refreshed),
   :class:`StreamPassed` (the leader streams an uncacheable answer), :class:`PassAgain` (a
   waiter fetches for itself), :class:`DeliverStale` (stale-if-error, or the edge's grace when
@@ -30,10 +33,18 @@ The steps:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
+from common.http import (
+    ByteSpan,
+    Unsatisfiable,
+    evaluate_preconditions,
+    parse_http_date,
+    select_range,
+)
 from edge.cache import Hit, VariantLookup
 from edge.entry import VARIANT_SEP, EntryMeta
 from edge.keys import BadTarget, Target, normalise_target, primary_key, secondary_key
@@ -420,3 +431,74 @@ def _first_slice(
         (k, v) for k, v in headers if k.lower() not in ("content-range", "content-length")
     )
     return 200, (*whole, ("Content-Length", str(total))), None
+
+
+# ---- deliver ----------------------------------------------------------------------------------
+
+CONDITIONALS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since")
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send *length* bytes of the stored body from *start*, with *status*; a 206 carries
+    *content_range*."""
+
+    status: int
+    start: int
+    length: int
+    content_range: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NotModified:
+    """Answer 304: the client's copy is current."""
+
+
+@dataclass(frozen=True, slots=True)
+class RangeRefused:
+    """Answer 416 with ``Content-Range: bytes */size``."""
+
+    size: int
+    reason: str
+
+
+DeliverStep = Send | NotModified | Refuse | RangeRefused
+
+
+def deliver(meta: EntryMeta, method: str, request_headers: Mapping[str, str]) -> DeliverStep:
+    """vcl_deliver: the whole stored response, a 304 or 412 for the request's preconditions
+    (RFC 9110 §13.2.2), one byte range or a 416 (§14). *request_headers* is looked up case-
+    insensitively. A stored response without an ``ETag`` never matches ``If-None-Match`` or
+    ``If-Match``; one without ``Last-Modified`` was last modified when it was received."""
+    size = meta.total_bytes if meta.kind == "sliced" else meta.body_bytes
+    if meta.status != 200:
+        return Send(meta.status, 0, size)
+    conditional = any(name in request_headers for name in CONDITIONALS)
+    if not conditional and "Range" not in request_headers:
+        return Send(200, 0, size)
+    etag = meta.header("etag")
+    last_modified = parse_http_date(meta.header("last-modified")) or datetime.fromtimestamp(
+        meta.response_time, UTC
+    )
+    if conditional:
+        precondition = evaluate_preconditions(
+            method, request_headers, etag=etag or '"-"', last_modified=last_modified
+        )
+        if etag is None and any(h in request_headers for h in ("If-None-Match", "If-Match")):
+            precondition = "proceed" if "If-Match" not in request_headers else "failed"
+        if precondition == "not-modified":
+            return NotModified()
+        if precondition == "failed":
+            return Refuse(412, "a precondition in the request did not hold")
+    decision = select_range(
+        request_headers.get("Range"),
+        size_bytes=size,
+        if_range=request_headers.get("If-Range"),
+        etag=etag or '"-"',
+        last_modified=last_modified,
+    )
+    if isinstance(decision, Unsatisfiable):
+        return RangeRefused(size, decision.reason)
+    if isinstance(decision, ByteSpan):
+        return Send(206, decision.start, decision.length, decision.content_range(size))
+    return Send(200, 0, size)

@@ -383,3 +383,71 @@ def test_a_first_slice_keeps_the_total_and_a_whole_one_becomes_a_200() -> None:
     assert (whole.meta.status, whole.total) == (200, None)
     assert whole.meta.header("content-length") == "10"
     assert whole.meta.header("content-range") is None
+
+
+# ---- deliver ----------------------------------------------------------------------------------
+
+STORED = EntryMeta(
+    "full",
+    headers=(("ETag", '"v1"'), ("Last-Modified", "Tue, 01 Dec 2026 10:00:00 GMT")),
+    response_time=NOW,
+    body_bytes=100,
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "request_headers", "expected"),
+    [
+        ("GET", {}, stages.Send(200, 0, 100)),
+        ("GET", {"If-None-Match": '"v1"'}, stages.NotModified()),
+        ("HEAD", {"If-None-Match": 'W/"v1"'}, stages.NotModified()),
+        ("GET", {"If-None-Match": '"v0"'}, stages.Send(200, 0, 100)),
+        (
+            "GET",
+            {"If-Match": '"v0"'},
+            stages.Refuse(412, "a precondition in the request did not hold"),
+        ),
+        ("GET", {"If-Modified-Since": "Wed, 02 Dec 2026 10:00:00 GMT"}, stages.NotModified()),
+        ("GET", {"If-Modified-Since": "Mon, 30 Nov 2026 10:00:00 GMT"}, stages.Send(200, 0, 100)),
+        ("GET", {"Range": "bytes=10-19"}, stages.Send(206, 10, 10, "bytes 10-19/100")),
+        ("GET", {"Range": "bytes=-5"}, stages.Send(206, 95, 5, "bytes 95-99/100")),
+        (
+            "GET",
+            {"Range": "bytes=10-19", "If-Range": '"v1"'},
+            stages.Send(206, 10, 10, "bytes 10-19/100"),
+        ),
+        ("GET", {"Range": "bytes=10-19", "If-Range": '"v0"'}, stages.Send(200, 0, 100)),
+        ("GET", {"Range": "bytes=0-1,5-6"}, stages.Send(200, 0, 100)),
+    ],
+)
+def test_deliver(
+    method: str, request_headers: dict[str, str], expected: stages.DeliverStep
+) -> None:
+    assert stages.deliver(STORED, method, request_headers) == expected
+
+
+def test_an_unsatisfiable_range_is_a_416_with_the_size() -> None:
+    step = stages.deliver(STORED, "GET", {"Range": "bytes=200-300"})
+    assert isinstance(step, stages.RangeRefused)
+    assert step.size == 100
+
+
+def test_without_an_etag_if_none_match_never_matches_and_if_match_fails() -> None:
+    plain = EntryMeta("full", response_time=NOW, body_bytes=3)
+    assert stages.deliver(plain, "GET", {"If-None-Match": '"-"'}) == stages.Send(200, 0, 3)
+    step = stages.deliver(plain, "GET", {"If-Match": '"v1"'})
+    assert isinstance(step, stages.Refuse)
+    assert step.status == 412
+
+
+def test_a_stored_non_200_is_sent_whole_whatever_the_request_asks() -> None:
+    gone = EntryMeta("full", status=404, response_time=NOW, body_bytes=7)
+    assert stages.deliver(gone, "GET", {"Range": "bytes=0-1"}) == stages.Send(404, 0, 7)
+
+
+def test_a_sliced_object_is_delivered_by_its_total_size() -> None:
+    sliced = EntryMeta("sliced", response_time=NOW, body_bytes=10, total_bytes=1000)
+    assert stages.deliver(sliced, "GET", {}) == stages.Send(200, 0, 1000)
+    assert stages.deliver(sliced, "GET", {"Range": "bytes=990-"}) == stages.Send(
+        206, 990, 10, "bytes 990-999/1000"
+    )
