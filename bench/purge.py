@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchlib import free_port
 
-from edge.app import Edge, EdgeSettings
+from cdn_config import EdgeConfig
+from edge.app import Edge
 from edge.entry import EntryMeta
 from edge.policy import make_policy
 from edge.purge import Purge
@@ -108,22 +109,22 @@ async def tag_purge(objects: int, tags: int, work: Path, *, tiers: str) -> dict[
     """*tiers*: ``memory``, ``memory+disk`` (every object in both) or ``disk`` (on disk only,
     behind a 1 MiB memory tier)."""
     disk = tiers != "memory"
-    settings = EdgeSettings(
+    config = EdgeConfig(
         name="bench",
-        upstream_url="http://127.0.0.1:9",
+        city="bench",
         memory_bytes=1024**2 if tiers == "disk" else 4 * 1024**3,
-        disk_dir=(work / f"tag-{tiers.replace('+', '-')}") if disk else None,
+        disk_dir=str(work / f"tag-{tiers.replace('+', '-')}") if disk else None,
         disk_bytes=8 * 1024**3,
         disk_sync_interval_s=3600.0,  # one worker: its periodic sync would only add noise
     )
-    edge = Edge(settings)
+    edge = Edge(config, upstream_url="http://127.0.0.1:9")
 
     def disk_tier() -> DiskTier:
-        assert settings.disk_dir is not None
+        assert config.disk_dir is not None
         return DiskTier(
-            settings.disk_dir,
-            capacity_bytes=settings.disk_bytes,
-            policy=make_policy(settings.policy, settings.disk_bytes),
+            Path(config.disk_dir),
+            capacity_bytes=config.disk_bytes,
+            policy=make_policy(config.policy, config.disk_bytes),
             fsync=False,
         )
 

@@ -197,20 +197,43 @@ class TranscodeConfig(_Section):
         return tuple(sorted(set(value)))
 
 
+EvictionPolicyName = Literal["lru", "s3fifo", "sieve", "tinylfu", "tinylfu-sa"]
+"""The tiers' eviction policies (``edge.policy``)."""
+
+
 class EdgeConfig(_Section):
+    """One edge: the only configuration type of ``edge/`` (a standalone ``kshipra edge
+    --upstream URL`` makes one too). Where it connects and its secrets come from the rest of
+    :class:`KshipraConfig` (:meth:`KshipraConfig.upstream_url`, ``secrets``, ``redis``)."""
+
     name: str
     city: str
-    listen: Listen
+    """Where its students are (a label for people and dashboards)."""
+    listen: Listen = "127.0.0.1:8081"
     upstream: str = "origin"
     """``origin`` or the name of a parent edge (a shield)."""
+    cache_host: str | None = None
+    """Host used in cache keys; default: the upstream's authority. Never the client's Host
+    header (upstream always receives its own authority as Host)."""
     memory_bytes: ByteSize = 256 * 1024**2
+    memory_max_object_bytes: PositiveByteSize = 2 * 1024**2
+    """Larger objects live on disk only."""
     disk_bytes: ByteSize = 10 * 1024**3
     disk_dir: str | None = None
+    disk_sync_interval_s: float = Field(default=5.0, gt=0)
+    """How often the disk tier's index is reconciled with the other processes of this edge."""
+    policy: EvictionPolicyName = "tinylfu-sa"
     slice_bytes: PositiveByteSize = 8 * 1024**2
     upstream_timeout_s: float = Field(default=30.0, gt=0)
     max_upstream_connections: int = Field(default=64, gt=0)
     stale_if_unreachable_s: float = Field(default=3600.0, ge=0)
-    """Serve a stored response up to this stale when upstream cannot be reached at all."""
+    """Serve a stored response up to this stale when upstream cannot be reached at all, even
+    without ``stale-if-error``; ``0`` turns it off."""
+    hit_for_miss_s: float = Field(default=120.0, ge=0)
+    """A URL found uncacheable is passed upstream, uncollapsed, for this long."""
+    hit_for_miss_max_keys: int = Field(default=10_000, gt=0)
+    """At most this many URLs remembered as uncacheable: an attacker walking random 404s must
+    not grow the edge without bound (about 150 B each)."""
     proxy_prefixes: tuple[str, ...] = ("/content/",)
     """Paths the edge proxies; anything else is a 404 from the edge, and the origin's
     ``/v1/`` control API never passes whatever this says."""
@@ -346,3 +369,17 @@ class KshipraConfig(_Section):
             if edge.name == name:
                 return edge
         raise KeyError(name)
+
+    def upstream_url(self, name: str) -> str:
+        """The base URL edge *name* fetches from: the origin's, or its parent edge's."""
+        edge = self.edge(name)
+        if edge.upstream == "origin":
+            return self.origin.base_url
+        host, port = parse_listen(self.edge(edge.upstream).listen)
+        return f"http://{host}:{port}"
+
+    @property
+    def purge_stream_url(self) -> str | None:
+        """The Redis an edge follows the purge stream at; ``None`` when Redis is the origin's
+        embedded child server (``kshipra dev`` hands its edge the real address)."""
+        return None if self.redis.url == "embedded" else self.redis.url

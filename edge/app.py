@@ -21,7 +21,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -31,6 +31,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11, RawRequestMessage
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from cdn_config import EdgeConfig
 from common.auth import bearer_check
 from common.errors import error_body, error_json
 from common.http import (
@@ -127,45 +128,6 @@ _NOT_IN_304 = frozenset({"content-type", "content-encoding", "content-range", "a
 """What deliver leaves out of a 304 (RFC 9110 §15.4.5 keeps the validators and caching
 fields)."""
 _EXPRESS_KEYS_MAX = 4096
-
-
-@dataclass(frozen=True)
-class EdgeSettings:
-    name: str
-    upstream_url: str
-    cache_host: str | None = None
-    """Host used in cache keys; default: the upstream's authority. Never the client's Host
-    header (upstream always receives its own authority as Host)."""
-    memory_bytes: int = 256 * 1024**2
-    memory_max_object_bytes: int = 2 * 1024**2
-    disk_dir: Path | None = None
-    disk_bytes: int = 10 * 1024**3
-    slice_bytes: int = 8 * 1024**2
-    upstream_timeout_s: float = 30.0
-    max_upstream_connections: int = 64
-    hit_for_miss_s: float = 120.0
-    stale_if_unreachable_s: float = 3600.0
-    """Serve a stored response up to this stale when upstream cannot be reached at all, even
-    without ``stale-if-error`` (see :func:`edge.rfc9111.may_serve_stale_when_unreachable`);
-    ``0`` turns it off."""
-    hit_for_miss_max_keys: int = 10_000
-    """At most this many URLs remembered as uncacheable: an attacker walking random 404s must
-    not grow the edge without bound (about 150 B each)."""
-    policy: str = "tinylfu-sa"
-    disk_sync_interval_s: float = 5.0
-    purge_token: str | None = field(default=None, repr=False)
-    redis_url: str | None = None
-    """Follow the fleet's purge stream here (see :mod:`edge.purge`); ``None``: only the
-    operator endpoint purges."""
-    proxied_prefixes: tuple[str, ...] = ("/content/",)
-    """Only paths under these are proxied (everything else is a 404 from the edge itself), so
-    the edge is never a door to the origin's control API; ``/v1/`` is refused whatever this
-    says."""
-    door: DoorLimits = field(default_factory=DoorLimits)
-    """Head deadline, send stall, connections per client (see :mod:`edge.guard`)."""
-    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
-    """In-flight, upstream and per-client limits past which the edge sheds (see
-    :mod:`edge.admission`)."""
 
 
 # ---- outcomes of a fetch, shared with collapsed waiters -----------------------------------------
@@ -294,39 +256,61 @@ def forwarded_request_headers(request: web.Request, *, encoding: str) -> list[tu
 class Edge:
     """One edge process: its tiers, its upstream, its in-flight fetches."""
 
-    def __init__(self, settings: EdgeSettings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: EdgeConfig,
+        *,
+        upstream_url: str,
+        purge_token: str | None = None,
+        redis_url: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """*upstream_url*: the origin or parent edge to fetch from; *purge_token*: the fleet's
+        (the operator purge endpoint, ``/metrics`` from afar, the fleet key); *redis_url*:
+        follow the fleet's purge stream there (``None``: only the operator endpoint purges)."""
         self.clock = clock
         """Unix seconds now: every freshness decision of the full flow reads this clock."""
-        self.settings = settings
+        self.config = config
+        self.upstream_url = upstream_url
+        self.purge_token = purge_token
+        self.redis_url = redis_url
         self.metrics = EdgeMetrics(self)  # reads the tiers lazily, at scrape time
+        admission = AdmissionLimits(
+            max_inflight_requests=config.max_inflight_requests,
+            max_upstream_fetches=config.max_upstream_fetches,
+            client_requests_per_s=config.client_requests_per_s,
+        )
+        self.door = DoorLimits(
+            header_timeout_s=config.header_timeout_s,
+            send_stall_s=config.send_stall_s,
+            connections_per_client=config.connections_per_client,
+        )
         self.upstream = Upstream(
-            settings.upstream_url,
-            timeout_s=settings.upstream_timeout_s,
-            max_connections=settings.max_upstream_connections,
-            max_waiting=settings.admission.max_upstream_fetches,
+            upstream_url,
+            timeout_s=config.upstream_timeout_s,
+            max_connections=config.max_upstream_connections,
+            max_waiting=admission.max_upstream_fetches,
             on_body_bytes=self.metrics.bytes_from_upstream,
         )
-        self.doorman = Doorman(settings.door)
-        self.admission = Admission(settings.admission)
-        self.host = settings.cache_host or self.upstream.host_header
+        self.doorman = Doorman(self.door)
+        self.admission = Admission(admission)
+        self.host = config.cache_host or self.upstream.host_header
         self.fleet_key = (
             None
-            if settings.purge_token is None
-            else hmac.new(settings.purge_token.encode(), b"kshipra-fleet", "sha256").hexdigest()[
-                :32
-            ]
+            if purge_token is None
+            else hmac.new(purge_token.encode(), b"kshipra-fleet", "sha256").hexdigest()[:32]
         )
         memory = MemoryTier(
-            capacity_bytes=settings.memory_bytes,
-            policy=make_policy(settings.policy, settings.memory_bytes),
-            max_object_bytes=min(settings.memory_max_object_bytes, settings.memory_bytes),
+            capacity_bytes=config.memory_bytes,
+            policy=make_policy(config.policy, config.memory_bytes),
+            max_object_bytes=min(config.memory_max_object_bytes, config.memory_bytes),
         )
         disk = None
-        if settings.disk_dir is not None:
+        if config.disk_dir is not None:
             disk = DiskTier(
-                settings.disk_dir,
-                capacity_bytes=settings.disk_bytes,
-                policy=make_policy(settings.policy, settings.disk_bytes),
+                Path(config.disk_dir),
+                capacity_bytes=config.disk_bytes,
+                policy=make_policy(config.policy, config.disk_bytes),
             )
         self.cache = TieredCache(memory, disk)
         self.collapser: Collapser[Outcome] = Collapser(
@@ -347,18 +331,18 @@ class Edge:
         await self.upstream.start()
         if self.cache.disk is not None:
             count = await self.cache.disk.open()
-            log.info("%s: disk tier holds %d entries", self.settings.name, count)
+            log.info("%s: disk tier holds %d entries", self.config.name, count)
             self.collapser.spawn(self._sync_disk_forever(self.cache.disk))
         # purge: catch up with the purge stream before serving
-        if self.settings.redis_url is not None:
-            disk_dir = self.settings.disk_dir
+        if self.redis_url is not None:
+            disk_dir = self.config.disk_dir
             self.purge_consumer = PurgeConsumer(
-                edge_name=self.settings.name,
-                redis_url=self.settings.redis_url,
+                edge_name=self.config.name,
+                redis_url=self.redis_url,
                 apply=self.apply_purges,
-                cursor=None if disk_dir is None else CursorFile(disk_dir / CURSOR_FILE),
+                cursor=None if disk_dir is None else CursorFile(Path(disk_dir) / CURSOR_FILE),
                 cache_is_empty=lambda: next(self.cache.metas(), None) is None,
-                upstream=self.settings.upstream_url,
+                upstream=self.upstream_url,
             )
             await self.purge_consumer.start()
         else:
@@ -366,7 +350,7 @@ class Edge:
                 "%s receives NO PURGES: it follows no purge stream (no Redis configured), so "
                 "publishes and `kshipra purge` will not reach it; objects change here only "
                 "when their TTL runs out. Start it with --redis URL or a config with redis.url.",
-                self.settings.name,
+                self.config.name,
             )
 
     def hit_for_miss_keys(self) -> int:
@@ -391,11 +375,11 @@ class Edge:
         """Workers sharing one disk directory learn of each other's stores and removals, and
         each keeps the directory within its byte budget (see :class:`DiskTier`)."""
         while True:
-            await asyncio.sleep(self.settings.disk_sync_interval_s)
+            await asyncio.sleep(self.config.disk_sync_interval_s)
             try:
                 await disk.sync()
             except OSError:
-                log.exception("%s: disk sync failed", self.settings.name)
+                log.exception("%s: disk sync failed", self.config.name)
 
     async def stop(self) -> None:
         if self.purge_consumer is not None:  # purge
@@ -433,7 +417,7 @@ class Edge:
             request.method,
             (request.version.major, request.version.minor),
             request.raw_path,
-            self.settings.proxied_prefixes,
+            self.config.proxy_prefixes,
         )
         if isinstance(step, stages.Refuse) and step.status != 405:
             return refusal_response(step)  # before admission: costs nothing upstream
@@ -466,7 +450,7 @@ class Edge:
         if seen is None or self.purge_consumer is None or not self.from_fleet(request):
             return
         if not await self.purge_consumer.wait_until_applied(seen, timeout_s=PURGE_SEEN_WAIT_S):
-            log.warning("%s: answering before applying purge %s", self.settings.name, seen)
+            log.warning("%s: answering before applying purge %s", self.config.name, seen)
 
     # ---- hash, lookup, hit ---------------------------------------------------------------
 
@@ -543,7 +527,7 @@ class Edge:
             fwd=fwd,
             leader=leader,
             now=self.clock(),
-            grace_s=self.settings.stale_if_unreachable_s,
+            grace_s=self.config.stale_if_unreachable_s,
         )
         match step:
             case stages.LookupAgain(cache_status):
@@ -579,7 +563,7 @@ class Edge:
         if stale is not None and stale.meta.kind == "full":
             headers.extend(conditional_headers(stale.meta.headers))
         elif stale is None or stale.meta.kind != "full":
-            headers.append(("Range", f"bytes=0-{self.settings.slice_bytes - 1}"))
+            headers.append(("Range", f"bytes=0-{self.config.slice_bytes - 1}"))
         return headers
 
     async def fetch(
@@ -661,14 +645,14 @@ class Edge:
     def _remember_uncacheable(self, key: str) -> None:
         """Hit-for-miss: pass *key* uncollapsed for ``hit_for_miss_s``."""
         marks = self._hit_for_miss
-        if len(marks) >= self.settings.hit_for_miss_max_keys:
+        if len(marks) >= self.config.hit_for_miss_max_keys:
             # Bounded: an attacker walking random uncacheable URLs must not grow the edge
             # without limit. Forgetting marks costs only their queueing shortcut.
             now = self.clock()
             self._hit_for_miss = marks = {k: t for k, t in marks.items() if t > now}
-            if len(marks) >= self.settings.hit_for_miss_max_keys:
+            if len(marks) >= self.config.hit_for_miss_max_keys:
                 marks.clear()
-        marks[key] = self.clock() + self.settings.hit_for_miss_s
+        marks[key] = self.clock() + self.config.hit_for_miss_s
 
     async def _store_full(self, key: str, base: EntryMeta, response: UpstreamResponse) -> Outcome:
         length_text = get_one(base.headers, "content-length")
@@ -712,7 +696,7 @@ class Edge:
     async def _store_sliced(
         self, key: str, base: EntryMeta, response: UpstreamResponse, total: int
     ) -> Outcome:
-        slice_bytes = self.settings.slice_bytes
+        slice_bytes = self.config.slice_bytes
         headers = [
             (k, v) for k, v in base.headers if k.lower() not in ("content-range", "content-length")
         ]
@@ -818,7 +802,7 @@ class Edge:
             response = await self.upstream.request(request.method, target.path_and_query, headers)
         except UpstreamError as exc:
             return upstream_error_response(
-                exc, **{"Cache-Status": f"{self.settings.name}; fwd={fwd}; detail={exc.kind}"}
+                exc, **{"Cache-Status": f"{self.config.name}; fwd={fwd}; detail={exc.kind}"}
             )
         return await self.stream_passed(request, response, fwd=fwd, detail="pass")
 
@@ -829,7 +813,7 @@ class Edge:
             _deliverable(response.headers, keep_edge_fields=self.from_fleet(request))
         )
         headers["Cache-Status"] = (
-            f"{self.settings.name}; fwd={fwd}; fwd-status={response.status}; detail={detail}"
+            f"{self.config.name}; fwd={fwd}; fwd-status={response.status}; detail={detail}"
         )
         if "Date" not in headers:
             headers["Date"] = http_date(self.clock())
@@ -1075,7 +1059,7 @@ class Edge:
     # ---- deliver -------------------------------------------------------------------------
 
     def _cache_status(self, status: str) -> str:
-        return f"{self.settings.name}; {status}"
+        return f"{self.config.name}; {status}"
 
     def _response_headers(
         self, meta: EntryMeta, now: float, cache_status: str, *, keep_edge_fields: bool
@@ -1214,7 +1198,7 @@ class Edge:
         while offset < end:
             count = min(SENDFILE_CHUNK_BYTES, end - offset)
             try:
-                async with asyncio.timeout(self.settings.door.send_stall_s):
+                async with asyncio.timeout(self.door.send_stall_s):
                     await loop.sendfile(transport, handle, offset, count)
             except TimeoutError:
                 self.doorman.counts.send_stalls += 1
@@ -1410,7 +1394,7 @@ PURGE_PATH = "/.kshipra/purge"
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "edge": request.app[EDGE].settings.name})
+    return web.json_response({"status": "ok", "edge": request.app[EDGE].config.name})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -1421,7 +1405,7 @@ async def readyz(request: web.Request) -> web.Response:
     consumer = edge.purge_consumer
     body = {
         "status": "not-ready" if state == "catching-up" else "ready",
-        "edge": edge.settings.name,
+        "edge": edge.config.name,
         "purges": state,
         "purge_last_applied": None if consumer is None else consumer.last_applied,
     }
@@ -1438,7 +1422,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
     with ``Authorization: Bearer <KSHIPRA_PURGE_TOKEN>`` (Prometheus' ``authorization``)."""
     edge = request.app[EDGE]
     if request.remote not in _LOOPBACK:
-        token = edge.settings.purge_token
+        token = edge.purge_token
         checked = (
             "missing"
             if token is None
@@ -1455,7 +1439,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
 async def purge_handler(request: web.Request) -> web.Response:
     """``POST /.kshipra/purge`` (see :func:`edge.purge.purge_endpoint`)."""
     edge = request.app[EDGE]
-    return await purge_endpoint(request, token=edge.settings.purge_token, apply=edge.apply_purges)
+    return await purge_endpoint(request, token=edge.purge_token, apply=edge.apply_purges)
 
 
 def header_block_bytes(raw_headers: Sequence[tuple[bytes, bytes]]) -> int:
@@ -1498,11 +1482,19 @@ def express_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
     )
 
 
-def create_app(settings: EdgeSettings) -> web.Application:
+def create_app(
+    config: EdgeConfig,
+    *,
+    upstream_url: str,
+    purge_token: str | None = None,
+    redis_url: str | None = None,
+) -> web.Application:
     """The edge application: ``/healthz``, ``/metrics``, ``POST /.kshipra/purge`` and
-    everything else proxied."""
+    everything else proxied (see :class:`Edge` for the arguments)."""
     app = web.Application(client_max_size=MAX_UNSAFE_BODY_BYTES)
-    app[EDGE] = Edge(settings)
+    app[EDGE] = Edge(
+        config, upstream_url=upstream_url, purge_token=purge_token, redis_url=redis_url
+    )
     app.cleanup_ctx.append(_lifecycle)
     app.on_response_prepare.append(_close_after_a_body)
     app[RUNNER] = express_runner

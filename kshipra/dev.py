@@ -108,8 +108,7 @@ def dev_command(origin_listen: str, edge_listen: str, data_dir: Path, workers: i
     """Run origin, worker and edge on loopback with an embedded Valkey, upload a sample
     question bank, and print the URLs."""
     # Imported here so `kshipra --help` and the client commands start fast.
-    from cdn_config import ConfigError, load_config  # noqa: PLC0415
-    from edge.app import EdgeSettings  # noqa: PLC0415
+    from cdn_config import ConfigError, EdgeConfig, load_config  # noqa: PLC0415
     from edge.app import create_app as create_edge_app  # noqa: PLC0415
     from origin.app import create_app  # noqa: PLC0415
     from transcode.worker import worker_context  # noqa: PLC0415
@@ -141,12 +140,16 @@ def dev_command(origin_listen: str, edge_listen: str, data_dir: Path, workers: i
         sys.exit(2)
     host, port = parse_listen(origin_listen)
     edge_host, edge_port = parse_listen(edge_listen)
-    edge_settings = EdgeSettings(
-        name="kshipra-dev-edge",
+    edge_app = create_edge_app(
+        EdgeConfig(
+            name="kshipra-dev-edge",
+            city="dev",
+            listen=edge_listen,
+            disk_dir=str(data_dir / "edge-cache"),
+            memory_bytes=64 * 1024**2,
+            disk_bytes=1024**3,
+        ),
         upstream_url=f"http://{host}:{port}",
-        disk_dir=data_dir / "edge-cache",
-        memory_bytes=64 * 1024**2,
-        disk_bytes=1024**3,
         purge_token=os.environ["KSHIPRA_PURGE_TOKEN"],
         redis_url=redis_url,  # the dev edge follows the purge stream like any fleet edge
     )
@@ -190,7 +193,7 @@ def dev_command(origin_listen: str, edge_listen: str, data_dir: Path, workers: i
                         host,
                         port,
                     ),
-                    (create_edge_app(edge_settings), edge_host, edge_port),
+                    (edge_app, edge_host, edge_port),
                 ],
                 on_ready=ready,
             )

@@ -7,82 +7,70 @@ import multiprocessing
 import os
 import signal
 import sys
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
+from pydantic import ValidationError
 
-from cdn_config import KshipraConfig, parse_byte_size, parse_listen
+from cdn_config import EdgeConfig, KshipraConfig, parse_byte_size, parse_listen
 from common.serving import run, serve_apps
-from edge.admission import AdmissionLimits
-from edge.app import EdgeSettings, create_app
-from edge.guard import DoorLimits
+from edge.app import create_app
 from kshipra.terminal import Terminal
 
 
-def settings_from_config(config: KshipraConfig, name: str) -> tuple[EdgeSettings, str]:
-    """(settings, listen) for the edge called *name*."""
-    edge = config.edge(name)
-    if edge.upstream == "origin":
-        upstream = config.origin.base_url
-    else:
-        host, port = parse_listen(config.edge(edge.upstream).listen)
-        upstream = f"http://{host}:{port}"
-    settings = EdgeSettings(
-        name=edge.name,
-        upstream_url=upstream,
-        memory_bytes=edge.memory_bytes,
-        disk_dir=Path(edge.disk_dir) if edge.disk_dir else None,
-        disk_bytes=edge.disk_bytes,
-        slice_bytes=edge.slice_bytes,
-        upstream_timeout_s=edge.upstream_timeout_s,
-        max_upstream_connections=edge.max_upstream_connections,
-        proxied_prefixes=edge.proxy_prefixes,
-        stale_if_unreachable_s=edge.stale_if_unreachable_s,
-        door=DoorLimits(
-            header_timeout_s=edge.header_timeout_s,
-            send_stall_s=edge.send_stall_s,
-            connections_per_client=edge.connections_per_client,
-        ),
-        admission=AdmissionLimits(
-            max_inflight_requests=edge.max_inflight_requests,
-            max_upstream_fetches=edge.max_upstream_fetches,
-            client_requests_per_s=edge.client_requests_per_s,
-        ),
-        purge_token=config.secrets.purge_token,
-        # purge: follow the purge stream unless Redis is the origin's embedded child server
-        redis_url=None if config.redis.url == "embedded" else config.redis.url,
+class EdgeLaunch(NamedTuple):
+    """One edge to serve: its configuration section and where it connects."""
+
+    config: EdgeConfig
+    upstream_url: str
+    purge_token: str | None
+    redis_url: str | None
+
+
+def launch_from_config(config: KshipraConfig, name: str) -> EdgeLaunch:
+    """The edge called *name* in *config*'s topology (:class:`KeyError` if there is none)."""
+    return EdgeLaunch(
+        config.edge(name),
+        config.upstream_url(name),
+        config.secrets.purge_token,
+        config.purge_stream_url,  # the embedded default is the origin's own child server
     )
-    return settings, edge.listen
 
 
-def _serve_one(settings: EdgeSettings, host: str, port: int, reuse_port: bool) -> None:
+def _serve_one(launch: EdgeLaunch, host: str, port: int, reuse_port: bool) -> None:
     terminal = Terminal()
+    name = launch.config.name
 
     async def ready(urls: list[str]) -> None:
         terminal.info(
-            f"edge {settings.name} (pid {os.getpid()}) listening on {urls[0]}, "
-            f"upstream {settings.upstream_url}"
+            f"edge {name} (pid {os.getpid()}) listening on {urls[0]}, "
+            f"upstream {launch.upstream_url}"
         )
-        if settings.redis_url is not None:  # without one, Edge.start has warned loudly
-            terminal.info(f"edge {settings.name} follows the purge stream at {settings.redis_url}")
+        if launch.redis_url is not None:  # without one, Edge.start has warned loudly
+            terminal.info(f"edge {name} follows the purge stream at {launch.redis_url}")
 
-    run(serve_apps([(create_app(settings), host, port)], on_ready=ready, reuse_port=reuse_port))
+    app = create_app(
+        launch.config,
+        upstream_url=launch.upstream_url,
+        purge_token=launch.purge_token,
+        redis_url=launch.redis_url,
+    )
+    run(serve_apps([(app, host, port)], on_ready=ready, reuse_port=reuse_port))
 
 
-def serve_edge(settings: EdgeSettings, listen: str, workers: int) -> None:
+def serve_edge(launch: EdgeLaunch, workers: int) -> None:
     """One process, or *workers* processes sharing the port (SO_REUSEPORT) and the disk
     tier."""
-    host, port = parse_listen(listen)
+    host, port = parse_listen(launch.config.listen)
     if workers <= 1:
-        _serve_one(settings, host, port, reuse_port=False)
+        _serve_one(launch, host, port, reuse_port=False)
         return
     if port == 0:
         raise click.BadParameter("several workers need a fixed port", param_hint="--listen")
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_serve_one, args=(settings, host, port, True), daemon=False)
+        context.Process(target=_serve_one, args=(launch, host, port, True), daemon=False)
         for _ in range(workers)
     ]
     for process in processes:
@@ -152,27 +140,26 @@ def edge_command(
             names = ", ".join(edge.name for edge in config.edges) or "none"
             raise click.UsageError(f"--config needs --name (edges in the file: {names})")
         try:
-            settings, configured_listen = settings_from_config(config, name)
+            launch = launch_from_config(config, name)
         except KeyError:
             Terminal().error(f"no edge named {name!r} in {config_file}")
             sys.exit(2)
-        listen = listen or configured_listen
     else:
         if upstream is None:
             raise click.UsageError("give --upstream URL (standalone) or --config FILE --name EDGE")
         if not upstream.startswith(("http://", "https://")):
             raise click.BadParameter("must be an http:// or https:// URL", param_hint="--upstream")
-        settings = EdgeSettings(
-            name=name or "kshipra-edge",
-            upstream_url=upstream,
-            purge_token=config.secrets.purge_token,
-            # KSHIPRA_REDIS__URL reaches here too; the embedded default is the origin's own.
-            redis_url=None if config.redis.url == "embedded" else config.redis.url,
+        launch = EdgeLaunch(
+            EdgeConfig(name=name or "kshipra-edge", city="standalone"),
+            upstream,
+            config.secrets.purge_token,
+            config.purge_stream_url,  # KSHIPRA_REDIS__URL reaches here too
         )
-        listen = listen or "127.0.0.1:8081"
     overrides: dict[str, Any] = {}
+    if listen is not None:
+        overrides["listen"] = listen
     if disk_dir is not None:
-        overrides["disk_dir"] = disk_dir
+        overrides["disk_dir"] = str(disk_dir)
     for key, value, option in (
         ("memory_bytes", memory_bytes, "--memory-bytes"),
         ("disk_bytes", disk_bytes, "--disk-bytes"),
@@ -183,15 +170,17 @@ def edge_command(
     if proxy_prefixes:
         if any(not prefix.startswith("/") for prefix in proxy_prefixes):
             raise click.BadParameter("a path prefix starts with '/'", param_hint="--proxy-prefix")
-        overrides["proxied_prefixes"] = proxy_prefixes
+        overrides["proxy_prefixes"] = proxy_prefixes
     if redis_url is not None:
         if not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise click.BadParameter("expected redis://HOST:PORT[/DB]", param_hint="--redis")
-        overrides["redis_url"] = redis_url
+        launch = launch._replace(redis_url=redis_url)
     if overrides:
-        settings = replace(settings, **overrides)
-    try:
-        parse_listen(listen)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--listen") from None
-    serve_edge(settings, listen, workers)
+        try:
+            edge = EdgeConfig.model_validate({**launch.config.model_dump(), **overrides})
+        except ValidationError as exc:
+            raise click.BadParameter(
+                "; ".join(str(error["msg"]) for error in exc.errors()), param_hint="--listen"
+            ) from None
+        launch = launch._replace(config=edge)
+    serve_edge(launch, workers)

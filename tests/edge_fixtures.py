@@ -16,9 +16,25 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from cdn_config import EdgeConfig
 from common.http import ByteSpan, Unsatisfiable, select_range
 from common.serving import make_runner
-from edge.app import EdgeSettings, create_app
+from edge.app import create_app
+
+_WIRING = ("upstream_url", "purge_token", "redis_url")
+
+
+def edge_app(**fields: Any) -> web.Application:
+    """An edge application from flat keyword arguments: ``upstream_url``, ``purge_token`` and
+    ``redis_url`` (where it connects), the rest :class:`cdn_config.EdgeConfig`'s fields (a
+    ``disk_dir`` may be a :class:`~pathlib.Path`; ``proxy_prefixes`` default to ``("/",)``:
+    scripted upstreams serve any path)."""
+    wiring = {name: fields.pop(name) for name in _WIRING if name in fields}
+    if isinstance(fields.get("disk_dir"), Path):
+        fields["disk_dir"] = str(fields["disk_dir"])
+    fields.setdefault("proxy_prefixes", ("/",))
+    fields.setdefault("city", "test")
+    return create_app(EdgeConfig(**fields), **wiring)
 
 
 class EdgeServer(TestServer):
@@ -141,7 +157,6 @@ def make_edge(
 
     async def make(**overrides: Any) -> TestClient[Any, Any]:
         values: dict[str, Any] = {
-            "proxied_prefixes": ("/",),  # scripted upstreams serve any path
             "name": "test-edge",
             "upstream_url": str(server.make_url("")).rstrip("/"),
             "cache_host": "cdn.example",
@@ -150,8 +165,9 @@ def make_edge(
             "disk_bytes": 256 * 1024**2,
             "upstream_timeout_s": 5.0,
         }
-        settings = EdgeSettings(**{**values, **overrides})
-        client: TestClient[Any, Any] = await aiohttp_client(EdgeServer(create_app(settings)))
+        client: TestClient[Any, Any] = await aiohttp_client(
+            EdgeServer(edge_app(**{**values, **overrides}))
+        )
         return client
 
     return make

@@ -16,8 +16,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from edge.app import EdgeSettings, create_app
-from tests.edge_fixtures import EdgeServer, body_of
+from tests.edge_fixtures import EdgeServer, body_of, edge_app
 
 pytestmark = pytest.mark.integration
 
@@ -68,8 +67,7 @@ async def raw_origin() -> AsyncIterator[RawOrigin]:
 @pytest.fixture
 def raw_edge(aiohttp_client: Any, raw_origin: RawOrigin, tmp_path: Path) -> Callable[..., Any]:
     async def make(*, disk: bool, slice_bytes: int = 8 * 1024**2) -> Client:
-        settings = EdgeSettings(
-            proxied_prefixes=("/",),  # scripted upstreams serve any path
+        app = edge_app(
             name="integrity",
             upstream_url=f"http://127.0.0.1:{raw_origin.port}",
             cache_host="cdn.example",
@@ -80,7 +78,7 @@ def raw_edge(aiohttp_client: Any, raw_origin: RawOrigin, tmp_path: Path) -> Call
             upstream_timeout_s=5.0,
             slice_bytes=slice_bytes,
         )
-        client: Client = await aiohttp_client(EdgeServer(create_app(settings)))
+        client: Client = await aiohttp_client(EdgeServer(app))
         return client
 
     return make

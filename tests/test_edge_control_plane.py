@@ -59,7 +59,7 @@ async def test_the_control_api_is_not_reachable_through_the_edge(
     origin.script("/v1/purge", body=b"purged!")
     origin.script("/v1/assets", body=b"catalogue")
     origin.script("/admin", body=b"admin")
-    edge = await make_edge(proxied_prefixes=CONTENT)
+    edge = await make_edge(proxy_prefixes=CONTENT)
     assert edge.server.port is not None
     for method in ("GET", "POST"):
         # Raw bytes: an HTTP client library would tidy the target before sending it.
@@ -78,7 +78,7 @@ async def test_the_control_api_is_not_reachable_through_the_edge(
 async def test_content_is_proxied(upstream: Upstream, make_edge: Any) -> None:
     origin, _ = upstream
     origin.script("/content/x", headers={"Cache-Control": "max-age=60"}, body=b"lesson")
-    edge = await make_edge(proxied_prefixes=CONTENT)
+    edge = await make_edge(proxy_prefixes=CONTENT)
     response = await edge.get("/content/x")
     assert (response.status, await response.read()) == (200, b"lesson")
 
@@ -86,7 +86,7 @@ async def test_content_is_proxied(upstream: Upstream, make_edge: Any) -> None:
 async def test_metrics_from_another_host_need_the_fleet_token(
     make_edge: Any,
 ) -> None:
-    edge = await make_edge(proxied_prefixes=CONTENT, purge_token=PURGE_TOKEN)
+    edge = await make_edge(proxy_prefixes=CONTENT, purge_token=PURGE_TOKEN)
     assert (await edge.get("/metrics")).status == 200  # this machine: open
     url = str(edge.make_url("/metrics"))
     # 127.0.0.2 is another source address: the edge sees a peer that is not this host's

