@@ -61,7 +61,7 @@ def _sniff_mpeg_ts(head: bytes) -> Sniffed | None:
     return None
 
 
-def sniff(head: bytes) -> Sniffed | None:
+def sniff(head: bytes) -> Sniffed | None:  # noqa: PLR0911 - one return per container format
     """Recognise a lecture (MP4/MOV, Matroska/WebM, AVI, MPEG-TS), an image (JPEG, PNG, WebP,
     GIF, AVIF/HEIC) or a bundle (JSON object or array) from the first bytes of a file."""
     if head.startswith(b"\xff\xd8\xff"):

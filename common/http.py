@@ -198,7 +198,7 @@ def _if_range_holds(if_range: str, etag: str, last_modified: datetime) -> bool:
     return date is not None and date == last_modified.replace(microsecond=0)
 
 
-def select_range(
+def select_range(  # noqa: C901, PLR0911 - one return per case of RFC 9110 §14.1.2-14.2
     range_header: str | None,
     *,
     size_bytes: int,

@@ -90,7 +90,7 @@ class ExpressRequestHandler(RequestHandler):
             return not self._handed_over
         return not waiter.done()
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:  # noqa: C901 - aiohttp's protocol callback: the express loop must stay in one frame
         if not self._handler_idle():
             # The handler task is busy or has work queued: keep the connection's order.
             super().data_received(data)

@@ -390,7 +390,7 @@ class CursorFile:
 class PurgeConsumer:
     """Reads the purge stream, applies purges in order, remembers and acknowledges them."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only wiring of one consumer
         self,
         *,
         edge_name: str,

@@ -232,7 +232,7 @@ NotStorableReason = Literal[
 ]
 
 
-def storability(
+def storability(  # noqa: C901, PLR0911 - one return per RFC 9111 §3 reason a response is not stored
     *,
     method: str,
     status: int,
@@ -477,7 +477,7 @@ def freshness_of(
     return basis.at(now, soft_purged=soft_purged)
 
 
-def reuse(freshness: Freshness, request: RequestControls) -> Reuse:
+def reuse(freshness: Freshness, request: RequestControls) -> Reuse:  # noqa: PLR0911 - one return per RFC 9111 §4.2.4 / RFC 5861 outcome
     """May a stored response answer this request, and how (RFC 9111 §4, §4.2.4; RFC 5861)?
 
     * ``fresh`` — serve it;

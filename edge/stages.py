@@ -249,7 +249,7 @@ def miss(pass_until: float | None, now: float) -> MissStep:
     return Collapse()
 
 
-def after_fetch(
+def after_fetch(  # noqa: PLR0913 - keyword-only values the stage decides on
     result: FetchResult,
     *,
     stale: Hit | None,
@@ -465,7 +465,7 @@ class RangeRefused:
 DeliverStep = Send | NotModified | Refuse | RangeRefused
 
 
-def deliver(meta: EntryMeta, method: str, request_headers: Mapping[str, str]) -> DeliverStep:
+def deliver(meta: EntryMeta, method: str, request_headers: Mapping[str, str]) -> DeliverStep:  # noqa: PLR0911 - one return per deliver step
     """vcl_deliver: the whole stored response, a 304 or 412 for the request's preconditions
     (RFC 9110 §13.2.2), one byte range or a 416 (§14). *request_headers* is looked up case-
     insensitively. A stored response without an ``ETag`` never matches ``If-None-Match`` or

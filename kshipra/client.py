@@ -203,7 +203,7 @@ class OriginClient:
         report.duration_s = time.monotonic() - started
         return report
 
-    async def _upload_single(
+    async def _upload_single(  # noqa: PLR0913 - one upload's values, passed down the transfer
         self,
         path: Path,
         size: int,
@@ -234,7 +234,7 @@ class OriginClient:
             asset=answer["asset"], created=answer["created"], size_bytes=size, sent_bytes=size
         )
 
-    async def _upload_resumable(
+    async def _upload_resumable(  # noqa: PLR0913 - one upload's values, passed down the transfer
         self,
         path: Path,
         size: int,
@@ -286,7 +286,7 @@ class OriginClient:
             extra={"upload_id": upload_id},
         )
 
-    async def _send_part(
+    async def _send_part(  # noqa: PLR0913 - one part's values, passed down the transfer
         self,
         upload_id: str,
         number: int,

@@ -685,7 +685,7 @@ async def serve_content(request: web.Request) -> web.StreamResponse:
     return await _send_body(request, delivery.key, size, start, length, status, headers)
 
 
-async def _send_body(
+async def _send_body(  # noqa: PLR0913 - one ranged send's values
     request: web.Request,
     key: str,
     size: int,

@@ -281,7 +281,7 @@ def _tfhd(data: bytes, tfhd: Box, moof: Box, defaults: TrackDefaults) -> _Fragme
     return _FragmentDefaults(**values)
 
 
-def _fragment(data: bytes, moof: Box, defaults: TrackDefaults) -> Fragment:
+def _fragment(data: bytes, moof: Box, defaults: TrackDefaults) -> Fragment:  # noqa: C901 - one branch per fMP4 box kind
     traf = find_box(data, [b"traf"], moof.payload, moof.end)
     tf = _tfhd(data, find_box(data, [b"tfhd"], traf.payload, traf.end), moof, defaults)
     first_end = -1
@@ -763,7 +763,7 @@ def _follow_progress(
             report(done)
 
 
-def run_ffmpeg(
+def run_ffmpeg(  # noqa: PLR0913 - keyword-only options of one ffmpeg run
     ffmpeg: str,
     args: list[str],
     cwd: Path,

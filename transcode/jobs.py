@@ -208,7 +208,7 @@ class ProgressReporter:
             log.warning("could not publish progress for %s", self._key)
 
 
-async def run_job(
+async def run_job(  # noqa: PLR0913 - saq passes the job's fields as keyword arguments
     env: WorkerEnv,
     job: Any,
     *,
@@ -248,7 +248,7 @@ async def run_job(
         await reporter.stop(final=False)
 
 
-async def _make_outputs(
+async def _make_outputs(  # noqa: PLR0913 - the job's fields, passed down from run_job
     env: WorkerEnv,
     job: Any,
     reporter: ProgressReporter,

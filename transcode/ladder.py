@@ -462,7 +462,7 @@ def _video_codec_args(index: int, rung: PlannedRung, plan: EncodePlan) -> list[s
     return [f"-c{s}", "libx265", f"-tag{s}", "hvc1", *common, f"-x265-params{s}", x265]
 
 
-def encode_args(
+def encode_args(  # noqa: PLR0913 - keyword-only options of one encode
     source: str,
     info: SourceInfo,
     plan: EncodePlan,

@@ -439,7 +439,7 @@ class LocalDirBlobStore:
             return None
         return record
 
-    def _commit_sync(
+    def _commit_sync(  # noqa: C901, PLR0912 - the commit's steps and their rollbacks read best together
         self, tmp: Path, slot: _Slot, record: _Record, if_none_match: bool, make_parents: bool
     ) -> os.stat_result:
         """Write *record* for *tmp*'s inode, then rename *tmp* to *slot.data*.

@@ -71,7 +71,7 @@ _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchUpload", "N
 _PART_CODES = frozenset({"EntityTooSmall", "InvalidPart", "InvalidPartOrder"})
 
 
-def _map_error(exc: Exception, what: str) -> Exception:
+def _map_error(exc: Exception, what: str) -> Exception:  # noqa: PLR0911 - one return per S3 error family
     """The storage error (or caller error) that a boto3 exception means."""
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
