@@ -41,10 +41,12 @@ from benchlib import free_port
 
 from cdn_config import EdgeConfig
 from edge.app import Edge
+from edge.cache import TieredCache
 from edge.entry import EntryMeta
 from edge.policy import make_policy
 from edge.purge import Purge
 from edge.tiers import DiskTier
+from edge.tiers.adapters import DiskCacheTier
 
 KSHIPRA = Path(sys.executable).with_name("kshipra")
 RESULTS = Path(__file__).resolve().parent / "results" / "purge.json"
@@ -129,7 +131,7 @@ async def tag_purge(objects: int, tags: int, work: Path, *, tiers: str) -> dict[
         )
 
     if disk:
-        edge.cache.disk = disk_tier()
+        edge.cache = TieredCache(edge.cache.memory, DiskCacheTier(disk_tier()))
     await edge.start()
     try:
         body = b"x" * 200
@@ -154,7 +156,7 @@ async def tag_purge(objects: int, tags: int, work: Path, *, tiers: str) -> dict[
             "tags": tags,
             "tier": tiers,
             "memory_tier_entries": len(edge.cache.memory),
-            "disk_tier_entries": len(edge.cache.disk or ()),
+            "disk_tier_entries": len(edge.cache.lower),
         }
         if disk:
             reopened = disk_tier()

@@ -86,6 +86,7 @@ from edge.rfc9111 import (
     strip_hop_by_hop,
     unsafe_invalidations,
 )
+from edge.tiers.adapters import DiskCacheTier
 from edge.tiers.disk import CorruptEntryError, DiskTier
 from edge.upstream import Upstream, UpstreamError, UpstreamResponse
 
@@ -312,7 +313,7 @@ class Edge:
                 capacity_bytes=config.disk_bytes,
                 policy=make_policy(config.policy, config.disk_bytes),
             )
-        self.cache = TieredCache(memory, disk)
+        self.cache = TieredCache(memory, None if disk is None else DiskCacheTier(disk))
         self.collapser: Collapser[Outcome] = Collapser(
             on_error=lambda exc: ErrorAnswer(
                 502, (), error_json(502, f"edge fetch failed: {exc}"), "edge"
@@ -329,10 +330,10 @@ class Edge:
 
     async def start(self) -> None:
         await self.upstream.start()
-        if self.cache.disk is not None:
-            count = await self.cache.disk.open()
+        if self.cache.has_lower:
+            count = await self.cache.lower.open()
             log.info("%s: disk tier holds %d entries", self.config.name, count)
-            self.collapser.spawn(self._sync_disk_forever(self.cache.disk))
+            self.collapser.spawn(self._sync_disk_forever())
         # purge: catch up with the purge stream before serving
         if self.redis_url is not None:
             disk_dir = self.config.disk_dir
@@ -371,13 +372,13 @@ class Edge:
         self._hit_for_miss.clear()
         return await apply_purges(self.cache, self.host, purges)
 
-    async def _sync_disk_forever(self, disk: DiskTier) -> None:
+    async def _sync_disk_forever(self) -> None:
         """Workers sharing one disk directory learn of each other's stores and removals, and
         each keeps the directory within its byte budget (see :class:`DiskTier`)."""
         while True:
             await asyncio.sleep(self.config.disk_sync_interval_s)
             try:
-                await disk.sync()
+                await self.cache.lower.sync()
             except OSError:
                 log.exception("%s: disk sync failed", self.config.name)
 
@@ -388,8 +389,7 @@ class Edge:
         await self.collapser.close()
         await self.upstream.close()
         self.doorman.close()
-        if self.cache.disk is not None:
-            await self.cache.disk.close()
+        await self.cache.lower.close()
 
     def _forward(self, request: web.Request, *, encoding: str) -> list[tuple[str, str]]:
         if encoding != "identity" and "Available-Dictionary" in request.headers:
@@ -658,7 +658,7 @@ class Edge:
         length_text = get_one(base.headers, "content-length")
         length = int(length_text) if length_text and length_text.isdigit() else None
         small = length is not None and length <= self.cache.memory.max_object_bytes
-        if small or self.cache.disk is None:
+        if small or not self.cache.has_lower:
             limit = self.cache.memory.max_object_bytes
             try:
                 body = await response.read(limit)

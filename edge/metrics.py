@@ -160,11 +160,11 @@ class EdgeMetrics:
         disk_bytes = Gauge(
             "kshipra_edge_disk_tier_bytes", "Bytes held by the disk tier", registry=registry
         )
-        disk_bytes.set_function(lambda: edge.cache.disk_used_bytes)
+        disk_bytes.set_function(lambda: edge.cache.lower.used_bytes)
         disk_entries = Gauge(
             "kshipra_edge_disk_tier_entries", "Entries in the disk tier", registry=registry
         )
-        disk_entries.set_function(lambda: 0 if edge.cache.disk is None else len(edge.cache.disk))
+        disk_entries.set_function(lambda: len(edge.cache.lower))
         evictions = Gauge(
             "kshipra_edge_memory_evictions",
             "Objects evicted from the memory tier",
@@ -174,9 +174,7 @@ class EdgeMetrics:
         disk_evictions = Gauge(
             "kshipra_edge_disk_evictions", "Objects evicted from the disk tier", registry=registry
         )
-        disk_evictions.set_function(
-            lambda: 0 if edge.cache.disk is None else getattr(edge.cache.disk, "evictions", 0)
-        )
+        disk_evictions.set_function(lambda: edge.cache.lower.evictions)
 
     def hit(self) -> None:
         self.hits += 1

@@ -81,7 +81,6 @@ from common.wire import (
     stream_position,
 )
 from edge.cache import TieredCache
-from edge.entry import EntryMeta
 from edge.keys import BadTarget, normalise_target, primary_key
 
 log = logging.getLogger(__name__)
@@ -276,12 +275,7 @@ class Applied:
 def _stored(cache: TieredCache) -> Iterator[tuple[str, str, Sequence[str]]]:
     """Every stored entry's ``(key, url_key, tags)``, read from the tiers' indexes without
     decoding disk metadata (that is what keeps a scan of 100,000 entries cheap)."""
-    for entry in cache.memory.entries():
-        yield entry.key, entry.meta.url_key, entry.meta.tags
-    if cache.disk is not None:
-        # entries in both tiers come twice: plan() keeps one
-        for disk_entry in cache.disk.entries():
-            yield disk_entry.key, disk_entry.url_key, disk_entry.tags
+    return cache.index()  # entries in both tiers come twice: plan() keeps one
 
 
 async def apply_purges(cache: TieredCache, host: str, purges: Sequence[Purge]) -> Applied:
@@ -289,25 +283,15 @@ async def apply_purges(cache: TieredCache, host: str, purges: Sequence[Purge]) -
     if not purges:
         return Applied(0, 0)
     actions = plan(Matcher.compile(host, purges), _stored(cache))
-    disk_metas: dict[str, dict[str, Any]] = {}
-    if cache.disk is not None and any(action == "mark" for action in actions.values()):
-        disk_metas = {
-            entry.key: entry.meta
-            for entry in cache.disk.entries()
-            if actions.get(entry.key) == "mark"
-        }
+    metas = cache.peek_metas({key for key, action in actions.items() if action == "mark"})
     removed = marked = 0
     for key, action in actions.items():
         if action == "remove":
             await cache.remove(key)
             removed += 1
             continue
-        memory_entry = cache.memory.peek(key)
-        if memory_entry is not None:
-            meta = memory_entry.meta
-        elif key in disk_metas:
-            meta = EntryMeta.from_dict(disk_metas[key])
-        else:
+        meta = metas.get(key)
+        if meta is None:
             continue  # evicted meanwhile
         if not meta.soft_purged:
             await cache.update_meta(key, replace(meta, soft_purged=True))

@@ -99,6 +99,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar, TypeVarTuple, Unpack
 
 from edge.policy import EvictionPolicy
+from edge.tiers.base import BodySizeMismatch
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
@@ -163,7 +164,7 @@ class EntryGoneError(EntryUnavailableError, FileNotFoundError):
     Also a ``FileNotFoundError``, which is what it is."""
 
 
-class BodySizeMismatchError(DiskTierError, ValueError):
+class BodySizeMismatchError(DiskTierError, BodySizeMismatch):
     """The streamed body's size differs from ``expected_size``; nothing was published."""
 
     def __init__(self, key: str, expected_size: int, actual_size: int) -> None:
