@@ -28,9 +28,10 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from saq import Queue
 
 from assets.blobstore import BlobStore
@@ -112,9 +113,77 @@ class TranscodeQueues:
         return merged
 
 
-def profile_id(kind: str, settings: dict[str, Any]) -> str:
-    """A short stable id of everything that decides a pipeline's output."""
-    blob = json.dumps({"kind": kind, "v": PIPELINE_VERSION, **settings}, sort_keys=True)
+class _Job(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ImageJob(_Job):
+    """An image's variants: the widths to make (never upscaled)."""
+
+    kind: Literal["image"] = "image"
+    widths: tuple[int, ...]
+
+
+class PreviousBundle(_Job):
+    """An earlier published version of a bundle, downloaded by the worker for the deltas."""
+
+    version: int
+    path: str
+
+
+class BundleJob(_Job):
+    """A question bank's version: canonical form, compressed copies, deltas against the
+    ``previous_versions`` before it (the worker fills ``previous``)."""
+
+    kind: Literal["bundle"] = "bundle"
+    asset_id: str
+    version: int
+    previous_versions: int
+    previous: tuple[PreviousBundle, ...] = ()
+
+
+class LectureJob(_Job):
+    """A lecture's ladder by name, with the ffmpeg to run; ``hevc=False``: H.264 only."""
+
+    kind: Literal["lecture"] = "lecture"
+    ladder: str = "lecture"
+    ffmpeg: str | None = None
+    hevc: bool | None = None
+
+
+JobSettings = Annotated[ImageJob | BundleJob | LectureJob, Field(discriminator="kind")]
+"""What a pipeline needs beyond the source, by kind: built by the origin
+(:func:`pipeline_settings`), carried in the job as JSON (:func:`job_json`), read back by the
+worker (:func:`job_settings`)."""
+_JOB_SETTINGS: TypeAdapter[ImageJob | BundleJob | LectureJob] = TypeAdapter(JobSettings)
+
+
+def job_json(settings: ImageJob | BundleJob | LectureJob) -> dict[str, Any]:
+    """The settings as the job carries them (the kind travels beside them)."""
+    exclude = {"kind"} | ({"previous"} if isinstance(settings, BundleJob) else set())
+    return settings.model_dump(mode="json", exclude_none=True, exclude=exclude)
+
+
+def job_settings(kind: str, document: Any) -> ImageJob | BundleJob | LectureJob:
+    """A job's settings read back; :class:`ValueError` naming the problem if they are not
+    the settings of a *kind* job."""
+    if not isinstance(document, dict):
+        raise ValueError(f"a job's settings are a JSON object, not {type(document).__name__}")
+    try:
+        return _JOB_SETTINGS.validate_python({**document, "kind": kind})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+        )
+        raise ValueError(f"bad {kind} job settings: {problems}") from None
+
+
+def profile_id(settings: ImageJob | BundleJob | LectureJob) -> str:
+    """A short stable id of everything that decides a pipeline's output (the same id the
+    untyped settings of earlier versions gave, so stored outputs stay found)."""
+    blob = json.dumps(
+        {"kind": settings.kind, "v": PIPELINE_VERSION, **job_json(settings)}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -136,21 +205,18 @@ class JobLimits:
 
 def pipeline_settings(
     config: KshipraConfig, manifest: Manifest, version: Version
-) -> dict[str, Any]:
-    """What the worker needs to know beyond the source, as JSON (it travels in the job)."""
+) -> ImageJob | BundleJob | LectureJob:
+    """What the worker needs to know beyond the source, from the configuration."""
     transcode = config.transcode
     if manifest.kind == "image":
-        return {"widths": list(transcode.image_widths)}
+        return ImageJob(widths=tuple(transcode.image_widths))
     if manifest.kind == "bundle":
-        return {
-            "asset_id": manifest.id,
-            "version": version.version,
-            "previous_versions": transcode.bundle_previous_versions,
-        }
-    settings: dict[str, Any] = {"ladder": transcode.ladder_name}
-    if config.media.ffmpeg_binary:
-        settings["ffmpeg"] = config.media.ffmpeg_binary
-    return settings
+        return BundleJob(
+            asset_id=manifest.id,
+            version=version.version,
+            previous_versions=transcode.bundle_previous_versions,
+        )
+    return LectureJob(ladder=transcode.ladder_name, ffmpeg=config.media.ffmpeg_binary or None)
 
 
 class TranscodeSubmitter:
@@ -175,7 +241,7 @@ class TranscodeSubmitter:
 
     async def __call__(self, manifest: Manifest, version: Version) -> None:
         settings = pipeline_settings(self._config, manifest, version)
-        profile = profile_id(manifest.kind, settings)
+        profile = profile_id(settings)
         content_hash = version.source.content_hash
         key = job_key(manifest.kind, content_hash, profile)
         await self._redis.sadd(WAITERS_PREFIX + key, f"{manifest.id}:{version.version}")
@@ -196,7 +262,7 @@ class TranscodeSubmitter:
             profile=profile,
             source_key=version.source.key,
             source_format=version.source.format,
-            settings=settings,
+            settings=job_json(settings),
         )
         log.info(
             "%s %s v%d: job %s %s",

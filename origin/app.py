@@ -291,7 +291,7 @@ async def _processing(request: web.Request, manifest: Manifest) -> dict[str, Any
     if newest.state != "processing":
         return None
     settings = pipeline_settings(request.app[CONFIG], manifest, newest)
-    key = job_key(manifest.kind, newest.source.content_hash, profile_id(manifest.kind, settings))
+    key = job_key(manifest.kind, newest.source.content_hash, profile_id(settings))
     progress = await progress_of(request.app[REDIS], key)
     job = await request.app[QUEUE].job(key)
     return {

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from assets.blobstore import BlobStore, LocalDirBlobStore, S3BlobStore
 from assets.hashing import TreeHasher
-from assets.processing import job_key, profile_id
+from assets.processing import BundleJob, job_key, profile_id
 from common.wire import WAITERS_PREFIX
 from origin.app import CONFIG, QUEUE, REDIS, STORE
 from tests.conftest import AUTH, OriginProcess, asset_published, jpeg_bytes
@@ -87,12 +87,12 @@ async def leftovers(client: Client) -> list[str]:
 def expected_job_key(client: Client, asset_id: str, body: bytes) -> str:
     """The key the submitter gives the job for v1 of ``asset_id`` with these bytes (checked
     against a real job in :func:`test_a_real_bank_is_published_with_its_extra_fields`)."""
-    settings = {
-        "asset_id": asset_id,
-        "version": 1,
-        "previous_versions": app_of(client)[CONFIG].transcode.bundle_previous_versions,
-    }
-    return job_key("bundle", tree_hash(body), profile_id("bundle", settings))
+    settings = BundleJob(
+        asset_id=asset_id,
+        version=1,
+        previous_versions=app_of(client)[CONFIG].transcode.bundle_previous_versions,
+    )
+    return job_key("bundle", tree_hash(body), profile_id(settings))
 
 
 async def assert_not_queued(client: Client, asset_id: str, body: bytes) -> None:

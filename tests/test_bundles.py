@@ -19,6 +19,7 @@ import pytest
 import zstandard
 
 from assets import bundle_schema, catalogue
+from assets.processing import BundleJob, PreviousBundle
 from transcode.base import PermanentFault
 from transcode.bundles import (
     DCZ_MAGIC,
@@ -682,12 +683,12 @@ def test_run_for_job_reads_previous_versions_from_files(tmp_path: Path) -> None:
     source = write_json(tmp_path / "source.json", corrected(make_bundle(6), 0.5))
     out = tmp_path / "out"
     out.mkdir()
-    settings = {
-        "asset_id": "b1",
-        "version": 2,
-        "previous_versions": 3,
-        "previous": [{"version": 1, "path": str(tmp_path / "previous-v1.json")}],
-    }
+    settings = BundleJob(
+        asset_id="b1",
+        version=2,
+        previous_versions=3,
+        previous=(PreviousBundle(version=1, path=str(tmp_path / "previous-v1.json")),),
+    )
     outputs = run_for_job(source, out, settings)
     assert outputs.details["version"] == 2
     assert (

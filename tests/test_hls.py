@@ -4,7 +4,9 @@ the m3u8 library, PyAV and Pillow."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import struct
 import subprocess
@@ -18,6 +20,15 @@ import m3u8
 import pytest
 from PIL import Image
 
+from assets.processing import (
+    PIPELINE_VERSION,
+    BundleJob,
+    ImageJob,
+    LectureJob,
+    job_json,
+    job_settings,
+    profile_id,
+)
 from transcode import hls
 from transcode.base import Outputs, PermanentFault
 from transcode.hls import (
@@ -237,11 +248,65 @@ def test_invalid_ladders(make: object) -> None:
 
 
 def test_settings_from_job() -> None:
-    assert settings_from_job({"ladder": "lecture"}) == HlsSettings()
-    assert settings_from_job({"ladder": "lecture", "hevc": False}).hevc is None
-    assert settings_from_job({"ffmpeg": "/usr/bin/ffmpeg"}).ffmpeg == "/usr/bin/ffmpeg"
+    assert settings_from_job(LectureJob(ladder="lecture")) == HlsSettings()
+    assert settings_from_job(LectureJob(ladder="lecture", hevc=False)).hevc is None
+    assert settings_from_job(LectureJob(ffmpeg="/usr/bin/ffmpeg")).ffmpeg == "/usr/bin/ffmpeg"
     with pytest.raises(PermanentFault, match="unknown ladder"):
-        settings_from_job({"ladder": "cinema"})
+        settings_from_job(LectureJob(ladder="cinema"))
+
+
+@pytest.mark.parametrize(
+    ("kind", "document", "expected"),
+    [
+        ("lecture", {"ladder": "lecture"}, LectureJob()),
+        ("image", {"widths": [320, 640]}, ImageJob(widths=(320, 640))),
+        (
+            "bundle",
+            {"asset_id": "b", "version": 2, "previous_versions": 3},
+            BundleJob(asset_id="b", version=2, previous_versions=3),
+        ),
+    ],
+)
+def test_job_settings_travel_as_json_and_come_back_typed(
+    kind: str, document: dict[str, object], expected: object
+) -> None:
+    settings = job_settings(kind, document)
+    assert settings == expected
+    assert job_json(settings) == document  # what the job carries, unchanged
+
+
+@pytest.mark.parametrize(
+    ("kind", "document", "problem"),
+    [
+        ("image", {}, "widths"),
+        ("image", {"widths": ["wide"]}, "widths"),
+        ("bundle", {"asset_id": "b"}, "version"),
+        ("lecture", {"ladder": "lecture", "crf": 18}, "crf"),
+        ("video", {}, "kind"),
+        ("lecture", ["not", "an", "object"], "JSON object"),
+    ],
+)
+def test_bad_job_settings_name_the_problem(kind: str, document: object, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        job_settings(kind, document)
+
+
+def test_profile_ids_are_those_of_the_untyped_settings_before() -> None:
+    """Stored outputs are found by profile id: typing the settings must not change them
+    (ids from the previous release's untyped dictionaries)."""
+    assert profile_id(LectureJob()) == profile_id_of({"kind": "lecture", "ladder": "lecture"})
+    assert profile_id(ImageJob(widths=(320, 640))) == profile_id_of(
+        {"kind": "image", "widths": [320, 640]}
+    )
+    bundle = BundleJob(asset_id="b", version=2, previous_versions=3)
+    assert profile_id(bundle) == profile_id_of(
+        {"kind": "bundle", "asset_id": "b", "version": 2, "previous_versions": 3}
+    )
+
+
+def profile_id_of(untyped: dict[str, object]) -> str:
+    blob = json.dumps({**untyped, "v": PIPELINE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 # --- Pure: ffmpeg arguments ------------------------------------------------------------------

@@ -42,7 +42,7 @@ import gzip
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -65,6 +65,7 @@ from assets.bundle_schema import (
     json_path,
     summary,
 )
+from assets.processing import BundleJob
 from transcode.base import (
     OutputFile,
     Outputs,
@@ -351,22 +352,19 @@ def run(
     return Outputs(files=files, primary=IDENTITY_NAME, details=details)
 
 
-def settings_from_job(settings: Mapping[str, Any]) -> BundleSettings:
-    """:class:`BundleSettings` from a job's JSON settings: ``version``, ``previous_versions``
-    (K) and ``previous``, a list of ``{"version": m, "path": file of v{m}'s bundle.json}``."""
+def settings_from_job(settings: BundleJob) -> BundleSettings:
+    """:class:`BundleSettings` from a bundle job's: its version, the K previous versions to
+    make deltas against, and the files the worker downloaded them to."""
     previous = tuple(
-        PreviousVersion(int(p["version"]), Path(p["path"]).read_bytes())
-        for p in settings.get("previous", ())
+        PreviousVersion(p.version, Path(p.path).read_bytes()) for p in settings.previous
     )
     return BundleSettings(
-        version=int(settings["version"]),
-        previous=previous,
-        max_deltas=int(settings.get("previous_versions", 3)),
+        version=settings.version, previous=previous, max_deltas=settings.previous_versions
     )
 
 
 def run_for_job(
-    source: Path, out_dir: Path, settings: Mapping[str, Any], progress: Progress = no_progress
+    source: Path, out_dir: Path, settings: BundleJob, progress: Progress = no_progress
 ) -> Outputs:
-    """:func:`run` with the settings a job carries as JSON (see :func:`settings_from_job`)."""
+    """:func:`run` with a bundle job's settings (see :func:`settings_from_job`)."""
     return run(source, out_dir, settings_from_job(settings), progress)

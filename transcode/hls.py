@@ -42,6 +42,7 @@ import av
 import av.error
 import av.stream
 
+from assets.processing import LectureJob
 from transcode.base import (
     OutputFile,
     Outputs,
@@ -919,9 +920,9 @@ def run(
 
 
 def run_for_job(
-    source: Path, out_dir: Path, settings: Mapping[str, Any], progress: Progress = no_progress
+    source: Path, out_dir: Path, settings: LectureJob, progress: Progress = no_progress
 ) -> Outputs:
-    """:func:`run` with the settings a job carries as JSON (see :func:`settings_from_job`)."""
+    """:func:`run` with a lecture job's settings (see :func:`settings_from_job`)."""
     return run(source, out_dir, settings_from_job(settings), progress)
 
 

@@ -23,8 +23,13 @@ from assets.blobstore import BlobStore
 from assets.catalogue import Catalogue
 from assets.processing import (
     PROGRESS_TTL_S,
+    BundleJob,
+    ImageJob,
+    LectureJob,
+    PreviousBundle,
     Publisher,
     job_key,
+    job_settings,
     outputs_prefix,
 )
 from cdn_config import KshipraConfig
@@ -35,7 +40,20 @@ from transcode.base import Outputs, PermanentFault
 
 log = logging.getLogger(__name__)
 
-Pipeline = Callable[[str, Path, Path, dict[str, Any], Callable[[str, float], None]], Outputs]
+JobSettings = ImageJob | BundleJob | LectureJob
+Pipeline = Callable[[Path, Path, JobSettings, Callable[[str, float], None]], Outputs]
+"""``pipeline(source, out_dir, settings, progress)``: blocking, run in a thread."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobInput:
+    """What one job works on: its key and outputs prefix, the source, the typed settings."""
+
+    key: str
+    prefix: str
+    source_key: str
+    source_format: str
+    settings: JobSettings
 
 
 # ---- the worker's side -----------------------------------------------------------------------
@@ -222,6 +240,11 @@ async def run_job(  # noqa: PLR0913 - saq passes the job's fields as keyword arg
     key = job_key(kind, content_hash, profile)
     prefix = outputs_prefix(profile, content_hash)
     publisher = Publisher(store=env.store, catalogue=env.catalogue, redis=env.redis)
+    try:
+        work = JobInput(key, prefix, source_key, source_format, job_settings(kind, settings))
+    except ValueError as exc:  # a job no pipeline can run: retrying cannot help
+        await publisher.fail_waiters(key, str(exc))
+        return {"failed": str(exc)}
     loop = asyncio.get_running_loop()
     reporter = ProgressReporter(loop, env.redis, job, key)
     reporter("download", 0.0)
@@ -229,10 +252,7 @@ async def run_job(  # noqa: PLR0913 - saq passes the job's fields as keyword arg
     try:
         failed = None
         if await env.store.head(prefix + "outputs.json") is None:
-            failed = await _make_outputs(
-                env, job, reporter, publisher, key, prefix, kind, source_key, source_format,
-                settings,
-            )  # fmt: skip
+            failed = await _make_outputs(env, job, reporter, publisher, work)
         if failed is not None:
             await reporter.stop(final=False)
             await env.redis.delete(PROGRESS_PREFIX + key)
@@ -248,37 +268,29 @@ async def run_job(  # noqa: PLR0913 - saq passes the job's fields as keyword arg
         await reporter.stop(final=False)
 
 
-async def _make_outputs(  # noqa: PLR0913 - the job's fields, passed down from run_job
+async def _make_outputs(
     env: WorkerEnv,
     job: Any,
     reporter: ProgressReporter,
     publisher: Publisher,
-    key: str,
-    prefix: str,
-    kind: str,
-    source_key: str,
-    source_format: str,
-    settings: dict[str, Any],
+    work: JobInput,
 ) -> dict[str, Any] | None:
     """Download, run the pipeline, upload its outputs and ``outputs.json``; the job's result
     when the input is refused for good (``None`` when the outputs are in)."""
-    with tempfile.TemporaryDirectory(prefix="kshipra-job-") as work:
-        source = Path(work) / f"source.{source_format}"
-        out_dir = Path(work) / "out"
+    key, prefix = work.key, work.prefix
+    with tempfile.TemporaryDirectory(prefix="kshipra-job-") as temp:
+        source = Path(temp) / f"source.{work.source_format}"
+        out_dir = Path(temp) / "out"
         out_dir.mkdir()
         download = reporter.scaled(*JOB_BANDS["download"])
-        await _download(env.store, source_key, source, lambda done: download("download", done))
-        if kind == "bundle":
-            settings = await _previous_bundles(env, settings, Path(work))
+        await _download(env.store, work.source_key, source, lambda done: download("download", done))
+        settings = work.settings
+        if isinstance(settings, BundleJob):
+            settings = await _previous_bundles(env, settings, Path(temp))
         heartbeat = asyncio.create_task(_heartbeat(job, env.config))
         try:
             outputs = await asyncio.to_thread(
-                env.pipeline,
-                kind,
-                source,
-                out_dir,
-                settings,
-                reporter.scaled(*JOB_BANDS["pipeline"]),
+                env.pipeline, source, out_dir, settings, reporter.scaled(*JOB_BANDS["pipeline"])
             )
         except PermanentFault as exc:
             await publisher.fail_waiters(key, str(exc))
@@ -317,27 +329,27 @@ async def _make_outputs(  # noqa: PLR0913 - the job's fields, passed down from r
     return None
 
 
-async def _previous_bundles(env: WorkerEnv, settings: dict[str, Any], work: Path) -> dict[str, Any]:
+async def _previous_bundles(env: WorkerEnv, settings: BundleJob, work: Path) -> BundleJob:
     """Write the previous K published versions' canonical bytes to files for the delta step."""
-    manifest = await env.catalogue.get(settings["asset_id"], fresh=True)
-    previous: list[dict[str, Any]] = []
+    manifest = await env.catalogue.get(settings.asset_id, fresh=True)
+    previous: list[PreviousBundle] = []
     if manifest is not None:
         earlier = sorted(
             (
                 v
                 for v in manifest.versions
                 if v.state == "published"
-                and v.version < settings["version"]
+                and v.version < settings.version
                 and "bundle.json" in v.renditions
             ),
             key=lambda v: v.version,
             reverse=True,
-        )[: settings["previous_versions"]]
+        )[: settings.previous_versions]
         for version in earlier:
             path = work / f"previous-v{version.version}.json"
             await _download(env.store, version.renditions["bundle.json"].key, path)
-            previous.append({"version": version.version, "path": str(path)})
-    return {**settings, "previous": previous}
+            previous.append(PreviousBundle(version=version.version, path=str(path)))
+    return settings.model_copy(update={"previous": tuple(previous)})
 
 
 async def _heartbeat(job: Any, config: KshipraConfig) -> None:

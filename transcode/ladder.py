@@ -12,11 +12,11 @@ line: a single decode, ``split`` once per distinct output size, one encoder per 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import Any, Literal
+from typing import Literal
 
+from assets.processing import LectureJob
 from transcode.base import PermanentFault
 
 VideoCodec = Literal["h264", "hevc"]
@@ -551,15 +551,14 @@ LADDERS: dict[str, HlsSettings] = {"lecture": HlsSettings()}
 """Named settings a job may ask for (``TranscodeConfig.ladder_name``)."""
 
 
-def settings_from_job(job: Mapping[str, Any]) -> HlsSettings:
-    """Settings from a job's JSON: ``{"ladder": "lecture"}``, optionally ``"ffmpeg": path``
-    (``MediaConfig.ffmpeg_binary``) and ``"hevc": false`` (H.264 only)."""
-    name = job.get("ladder", "lecture")
-    if name not in LADDERS:
-        raise PermanentFault(f"unknown ladder {name!r}; known: {sorted(LADDERS)}")
-    settings = LADDERS[name]
-    if job.get("ffmpeg"):
-        settings = replace(settings, ffmpeg=str(job["ffmpeg"]))
-    if job.get("hevc") is False:
+def settings_from_job(job: LectureJob) -> HlsSettings:
+    """Settings from a lecture job's: the named ladder, with the job's ffmpeg
+    (``MediaConfig.ffmpeg_binary``) and ``hevc=False`` for H.264 only."""
+    if job.ladder not in LADDERS:
+        raise PermanentFault(f"unknown ladder {job.ladder!r}; known: {sorted(LADDERS)}")
+    settings = LADDERS[job.ladder]
+    if job.ffmpeg:
+        settings = replace(settings, ffmpeg=job.ffmpeg)
+    if job.hevc is False:
         settings = replace(settings, hevc=None)
     return settings

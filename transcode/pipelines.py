@@ -1,30 +1,34 @@
-"""One entry point for the worker: pick the pipeline for a kind and build its settings from
-the job's JSON settings (see :func:`assets.processing.pipeline_settings`)."""
+"""One entry point for the worker: run the pipeline a job's typed settings name (see
+:func:`assets.processing.pipeline_settings`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import assert_never
 
-from transcode.base import Outputs, PermanentFault, Progress
+from assets.processing import BundleJob, ImageJob, LectureJob
+from transcode.base import Outputs, Progress
 
 
 def run_pipeline(
-    kind: str, source: Path, out_dir: Path, settings: dict[str, Any], progress: Progress
+    source: Path, out_dir: Path, settings: ImageJob | BundleJob | LectureJob, progress: Progress
 ) -> Outputs:
-    """Blocking: the worker calls this in a thread."""
-    if kind == "image":
-        from transcode import images  # noqa: PLC0415 - each worker loads what it runs
+    """Blocking: the worker calls this in a thread. Each pipeline's module is imported when
+    it first runs: a worker loads what it runs."""
+    match settings:
+        case ImageJob():
+            from transcode import images  # noqa: PLC0415
 
-        return images.run(
-            source, out_dir, images.ImageSettings(widths=tuple(settings["widths"])), progress
-        )
-    if kind == "bundle":
-        from transcode import bundles  # noqa: PLC0415
+            return images.run(
+                source, out_dir, images.ImageSettings(widths=settings.widths), progress
+            )
+        case BundleJob():
+            from transcode import bundles  # noqa: PLC0415
 
-        return bundles.run_for_job(source, out_dir, settings, progress)
-    if kind == "lecture":
-        from transcode import hls  # noqa: PLC0415
+            return bundles.run_for_job(source, out_dir, settings, progress)
+        case LectureJob():
+            from transcode import hls  # noqa: PLC0415
 
-        return hls.run_for_job(source, out_dir, settings, progress)
-    raise PermanentFault(f"no pipeline for kind {kind!r}")
+            return hls.run_for_job(source, out_dir, settings, progress)
+        case _:
+            assert_never(settings)
