@@ -34,9 +34,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from cdn_config import EdgeConfig
 from common.auth import bearer_check
 from common.errors import error_body, error_json
-from common.http import (
-    evaluate_preconditions,
-)
 from common.serving import RUNNER
 from common.wire import PURGE_SEEN_HEADER
 from edge import stages
@@ -78,11 +75,9 @@ from edge.rfc9111 import (
     Headers,
     RequestControls,
     conditional_headers,
-    get_all,
     get_one,
     request_controls,
     reuse,
-    split_list,
     strip_hop_by_hop,
     unsafe_invalidations,
 )
@@ -943,11 +938,14 @@ class Edge:
             if etag is None:
                 return None
             # The usual revalidation echoes the stored tag: that is a match (RFC 9110
-            # §13.1.2) without parsing a list.
-            not_modified = if_none_match == etag or (
-                evaluate_preconditions("GET", headers, etag=etag, last_modified=_EPOCH)
-                == "not-modified"
-            )
+            # §13.1.2) without parsing a list. Anything else, the deliver stage decides.
+            if if_none_match == etag:
+                not_modified = True
+            else:
+                step = stages.deliver(served.meta, "GET", headers)
+                not_modified = isinstance(step, stages.NotModified)
+                if not not_modified and step != stages.Send(200, 0, served.meta.body_bytes):
+                    return None
         head = self._express_head_of(served, not_modified=not_modified)
         if head is None:
             return None
@@ -993,7 +991,7 @@ class Edge:
             return None
         if target.path in _OWN_ROUTES or target.path.startswith("/.kshipra"):
             return None
-        key = primary_key(self.host, target)
+        key = stages.hash_key(self.host, target)
         keys = self._express_keys
         if len(keys) >= _EXPRESS_KEYS_MAX:
             keys.clear()
@@ -1038,9 +1036,7 @@ class Edge:
             fields = [(k, v) for k, v in fields if k.lower() not in _NOT_IN_304]
         if not has_date:
             fields.append(("Date", http_date(meta.response_time)))
-        if meta.varies_on_encoding and "accept-encoding" not in {
-            v.strip().lower() for v in split_list(get_all(client, "vary"))
-        }:
+        if meta.lacks_vary_accept_encoding:
             fields.append(("Vary", "Accept-Encoding"))
         if status == 200:
             fields.append(("Accept-Ranges", "bytes"))
@@ -1083,9 +1079,7 @@ class Edge:
         headers = self._response_headers(
             meta, now, status, keep_edge_fields=self.from_fleet(request)
         )
-        if meta.varies_on_encoding and "accept-encoding" not in {
-            v.strip().lower() for v in split_list(headers.getall("Vary", []))
-        }:
+        if meta.lacks_vary_accept_encoding:
             headers.add("Vary", "Accept-Encoding")
         if meta.status == 200:
             headers["Accept-Ranges"] = "bytes"

@@ -27,7 +27,9 @@ from edge.rfc9111 import (
     FreshnessBasis,
     Headers,
     freshness_basis,
+    get_all,
     get_one,
+    split_list,
 )
 
 EntryKind = Literal["full", "vary", "sliced", "slice"]
@@ -164,6 +166,15 @@ class EntryMeta:
         return self.header("content-encoding") in ("br", "gzip") and is_compressible(
             self.header("content-type")
         )
+
+    @cached_property
+    def lacks_vary_accept_encoding(self) -> bool:
+        """Delivery must add ``Vary: Accept-Encoding``: the response :attr:`varies_on_encoding`
+        and its stored ``Vary`` does not name it yet (the one rule for the full flow and the
+        express lane)."""
+        return self.varies_on_encoding and "accept-encoding" not in {
+            v.strip().lower() for v in split_list(get_all(self.headers, "vary"))
+        }
 
     def freshness(self, now: float) -> Freshness:
         return self._basis.at(now, soft_purged=self.soft_purged)
