@@ -934,18 +934,10 @@ class Edge:
             return None  # the full flow makes (or refreshes) the encoded copy
         not_modified = False
         if if_none_match is not None:
-            etag = served.meta.etag_field
-            if etag is None:
+            revalidated = _express_revalidation(served.meta, if_none_match, headers)
+            if revalidated is None:
                 return None
-            # The usual revalidation echoes the stored tag: that is a match (RFC 9110
-            # §13.1.2) without parsing a list. Anything else, the deliver stage decides.
-            if if_none_match == etag:
-                not_modified = True
-            else:
-                step = stages.deliver(served.meta, "GET", headers)
-                not_modified = isinstance(step, stages.NotModified)
-                if not not_modified and step != stages.Send(200, 0, served.meta.body_bytes):
-                    return None
+            not_modified = revalidated
         head = self._express_head_of(served, not_modified=not_modified)
         if head is None:
             return None
@@ -1302,6 +1294,24 @@ class Edge:
         encoded_meta = replace(meta, headers=tuple(headers), body_bytes=len(encoded), etag=new_etag)
         stored = await self.cache.store_bytes(encoded_key, encoded_meta, encoded)
         return stored, encoded_meta
+
+
+def _express_revalidation(
+    meta: EntryMeta, if_none_match: str, headers: CIMultiDictProxy[str]
+) -> bool | None:
+    """An express ``If-None-Match``: ``True`` for a 304, ``False`` for the whole 200, ``None``
+    when the full flow must answer (no stored tag, or the deliver stage wants more). The usual
+    revalidation echoes the stored tag: that is a match (RFC 9110 §13.1.2) without parsing a
+    list; anything else, the deliver stage decides."""
+    etag = meta.etag_field
+    if etag is None:
+        return None
+    if if_none_match == etag:
+        return True
+    step = stages.deliver(meta, "GET", headers)
+    if isinstance(step, stages.NotModified):
+        return True
+    return False if step == stages.Send(200, 0, meta.body_bytes) else None
 
 
 def _made_from(encoded: EntryMeta, identity: EntryMeta, coding: str) -> bool:
