@@ -180,7 +180,10 @@ def edge_command(
             edge = EdgeConfig.model_validate({**launch.config.model_dump(), **overrides})
         except ValidationError as exc:
             raise click.BadParameter(
-                "; ".join(str(error["msg"]) for error in exc.errors()), param_hint="--listen"
+                "; ".join(
+                    str(error["msg"]).removeprefix("Value error, ") for error in exc.errors()
+                ),
+                param_hint="--listen",
             ) from None
         launch = launch._replace(config=edge)
     serve_edge(launch, workers)
