@@ -892,8 +892,8 @@ class Edge:
         client takes Brotli or gzip and the response is compressible, whose encoded copy was
         already made from that very response. ``If-None-Match`` (the revalidation phones send
         when their own copy expires) is answered here too: ``304`` or the whole ``200``. The
-        bytes are what :meth:`deliver` would send (``tests/test_edge_express.py`` compares
-        the two).
+        bytes are what :meth:`deliver` would send
+        (``tests/integration/test_edge_express.py`` compares the two).
         """
         if message.method != "GET" or message.version != _HTTP11:
             return None

@@ -5,7 +5,7 @@ Each stage is a pure function over frozen values that takes the time as ``now`` 
 the next step; the edge (``edge.app``) runs one loop that does the IO a step asks for and
 ends in ``assert_never``. Nothing here knows the HTTP server, the client library, the cache's
 storage or the clock, so the decisions are table-tested without sockets
-(``tests/test_edge_stages.py``) and a new transport drives the same flow.
+(``tests/unit/test_edge_stages.py``) and a new transport drives the same flow.
 
 The steps:
 

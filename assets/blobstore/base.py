@@ -2,7 +2,7 @@
 
 Two implementations live beside this module, named by mechanism: :class:`LocalDirBlobStore`
 (the embedded default) and :class:`S3BlobStore` (S3 and S3-compatible stores). Both pass one
-contract-test suite (``tests/test_blobstore_contract.py``).
+contract-test suite (``tests/contract/test_blobstore_contract.py``).
 
 Keys are ``/``-separated relative paths. :func:`validate_key` is the single gate every
 implementation calls before touching storage.

@@ -2,7 +2,7 @@
 (:mod:`edge.policy`) says what to keep.
 
 - :class:`edge.tiers.base.CacheTier` — what every tier does (one contract suite,
-  ``tests/test_tier_contract.py``, runs over each); :mod:`edge.tiers.adapters` puts it over
+  ``tests/contract/test_tier_contract.py``, runs over each); :mod:`edge.tiers.adapters` puts it over
   the memory tier, the disk tier, and no tier.
 - :class:`DiskTier` — bodies as files, streamed and published atomically, checksummed, served
   with ``sendfile``, shared by the worker processes of one edge (:mod:`edge.tiers.disk`).

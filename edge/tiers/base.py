@@ -2,9 +2,10 @@
 
 A tier stores bodies with their metadata and never decides what to keep: its eviction policy
 does (:mod:`edge.policy`). :class:`edge.cache.TieredCache` puts the memory tier in front of the
-others and speaks to all of them through this Protocol; ``tests/test_tier_contract.py`` runs
-one contract suite over every implementation. Whatever a tier stores, it returns exactly: a
-body shorter or longer than declared is refused (:class:`BodySizeMismatch`), never stored.
+others and speaks to all of them through this Protocol;
+``tests/contract/test_tier_contract.py`` runs one contract suite over every implementation.
+Whatever a tier stores, it returns exactly: a body shorter or longer than declared is refused
+(:class:`BodySizeMismatch`), never stored.
 """
 
 from __future__ import annotations

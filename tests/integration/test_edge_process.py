@@ -30,7 +30,7 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE_CONFIG = REPO / "cdn_config" / "sample.toml"
 
 

@@ -4,7 +4,7 @@ Cache-Control, CDN-Cache-Control, Range, HTTP-date, Vary and request-target norm
 Two kinds of property for each: on any input at all, no exception but the documented one
 (and no answer wider than the input allows); on well-formed input mixed with noise, exactly
 the strict reading. Example counts are bounded so the test command stays fast; a longer run:
-``HYPOTHESIS_PROFILE=long pytest tests/test_parser_properties.py``.
+``HYPOTHESIS_PROFILE=long pytest tests/unit/test_parser_properties.py``.
 """
 
 from __future__ import annotations

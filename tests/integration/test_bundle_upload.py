@@ -22,7 +22,7 @@ from common.wire import WAITERS_PREFIX
 from origin.app import CONFIG, QUEUE, REDIS, STORE
 from tests.conftest import AUTH, OriginProcess, asset_published, jpeg_bytes
 from tests.fixtures_s3 import s3_client
-from tests.test_cli import kshipra
+from tests.integration.test_cli import kshipra
 
 pytestmark = pytest.mark.integration
 

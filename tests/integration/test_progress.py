@@ -40,7 +40,7 @@ from tests.conftest import (
     start_origin_process,
     stop_process,
 )
-from tests.test_hls import SMALL, make_clip
+from tests.integration.test_hls import SMALL, make_clip
 from transcode import hls
 from transcode.jobs import JobCancelled, ProgressReporter
 

@@ -279,7 +279,7 @@ def test_problems_are_listed_in_full_on_the_exception() -> None:
 
 # ---- the schema for real banks: text forms, languages, images, passthrough --------------------
 
-SAMPLE = Path(__file__).resolve().parent.parent / "kshipra" / "samples"
+SAMPLE = Path(__file__).resolve().parents[2] / "kshipra" / "samples"
 
 
 def one_question(**fields: Any) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from edge.tiers import (
 
 pytestmark = pytest.mark.integration
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 MakeTier = Callable[..., Awaitable[DiskTier]]

@@ -30,8 +30,8 @@ from tests.conftest import (
     stop_process,
     wait_for_http,
 )
-from tests.test_dev import read_until
-from tests.test_worker import api, make_clip
+from tests.integration.test_dev import read_until
+from tests.integration.test_worker import api, make_clip
 
 pytestmark = pytest.mark.integration
 
@@ -175,7 +175,7 @@ def test_a_publish_reaches_every_edge_behind_a_shield_and_stays(
 
 
 def sample_v2(path: Path) -> Path:
-    sample = Path(__file__).parent.parent / "kshipra" / "samples"
+    sample = Path(__file__).parent.parent.parent / "kshipra" / "samples"
     document = json.loads((sample / "neet-chemistry-mole-concept.json").read_text())
     stem = document["questions"][0]["stem"]
     if isinstance(stem, dict):

@@ -1,0 +1,1 @@
+"""Pure tables and in-process tests: no servers, no child processes."""
