@@ -287,6 +287,7 @@ class Edge:
             max_connections=config.max_upstream_connections,
             max_waiting=admission.max_upstream_fetches,
             on_body_bytes=self.metrics.bytes_from_upstream,
+            clock=clock,
         )
         self.doorman = Doorman(self.door)
         self.admission = Admission(admission)
@@ -339,6 +340,7 @@ class Edge:
                 cursor=None if disk_dir is None else CursorFile(Path(disk_dir) / CURSOR_FILE),
                 cache_is_empty=lambda: next(self.cache.metas(), None) is None,
                 upstream=self.upstream_url,
+                clock=self.clock,
             )
             await self.purge_consumer.start()
         else:
@@ -1443,7 +1445,9 @@ async def metrics_handler(request: web.Request) -> web.Response:
 async def purge_handler(request: web.Request) -> web.Response:
     """``POST /.kshipra/purge`` (see :func:`edge.purge.purge_endpoint`)."""
     edge = request.app[EDGE]
-    return await purge_endpoint(request, token=edge.purge_token, apply=edge.apply_purges)
+    return await purge_endpoint(
+        request, token=edge.purge_token, apply=edge.apply_purges, clock=edge.clock
+    )
 
 
 def header_block_bytes(raw_headers: Sequence[tuple[bytes, bytes]]) -> int:

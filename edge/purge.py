@@ -311,6 +311,7 @@ async def purge_endpoint(
     *,
     token: str | None,
     apply: Callable[[Sequence[Purge]], Awaitable[Applied]],
+    clock: Callable[[], float] = time.time,
 ) -> web.Response:
     """``POST /.kshipra/purge`` with ``Authorization: Bearer <KSHIPRA_PURGE_TOKEN>``: purge
     this edge now. Answers ``{"purges": n, "removed": n, "marked": n, "affected": n}``."""
@@ -325,7 +326,7 @@ async def purge_endpoint(
         document = json.loads(await request.read())
     except (ValueError, UnicodeDecodeError):
         return _error(400, "the body must be JSON")
-    now = time.time()
+    now = clock()
     try:
         purges = purges_from_request(document, id_prefix=f"local-{now:.6f}", now=now)
         applied = await apply(purges)
@@ -384,8 +385,10 @@ class PurgeConsumer:
         cache_is_empty: Callable[[], bool],
         upstream: str = "",
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.edge_name = edge_name
+        self._clock = clock
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
             redis_url,
             decode_responses=True,
@@ -482,7 +485,7 @@ class PurgeConsumer:
                     PURGE_STREAM,
                     self.last_applied,
                 )
-                await self._apply([Purge("prefix", "/", True, "trimmed", time.time())])
+                await self._apply([Purge("prefix", "/", True, "trimmed", self._clock())])
             while await self._apply_entries(await self._read(block_ms=None)):
                 pass
         self.caught_up.set()
@@ -528,7 +531,7 @@ class PurgeConsumer:
             except BadPurge as exc:
                 log.error("%s: skipping purge %s: %s", self.edge_name, stream_id, exc)
         applied = await self._apply(purges)
-        applied_at = time.time()
+        applied_at = self._clock()
         log.info(
             "%s: applied %d purges up to %s (%d entries affected)",
             self.edge_name,
@@ -588,7 +591,7 @@ class PurgeConsumer:
                 "upstream": self._upstream,
                 "last_applied": self.last_applied,
                 "pid": os.getpid(),
-                "at": time.time(),
+                "at": self._clock(),
             }
             with contextlib.suppress(RedisError, OSError):
                 await self._redis.set(

@@ -88,8 +88,11 @@ class Upstream:
         max_connections: int,
         max_waiting: int = 0,
         on_body_bytes: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._on_body_bytes = on_body_bytes
+        self._clock = clock
+        """Unix seconds: the request and response times of RFC 9111 §4.2.3's age."""
         self.max_waiting = max_waiting
         """At most this many requests waiting for a connection or for response headers at
         once (``0``: no limit); past it :meth:`request` fails at once with ``shed``."""
@@ -142,7 +145,7 @@ class Upstream:
     ) -> UpstreamResponse:
         assert self._session is not None
         url = URL(str(self.base_url) + path_and_query, encoded=True)
-        request_time = time.time()
+        request_time = self._clock()
         try:
             response = await self._session.request(
                 method,
@@ -169,7 +172,7 @@ class Upstream:
             status=response.status,
             headers=headers_out,
             request_time=request_time,
-            response_time=time.time(),
+            response_time=self._clock(),
             _response=response,
             _on_bytes=self._on_body_bytes,
         )
