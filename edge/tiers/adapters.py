@@ -16,7 +16,7 @@ from typing import BinaryIO
 from edge.entry import EntryMeta
 from edge.memory import MemoryTier
 from edge.tiers.base import BodySizeMismatch, Hit, MetaForSize
-from edge.tiers.disk import DiskTier
+from edge.tiers.disk import DiskEntry, DiskTier
 
 
 class MemoryCacheTier:
@@ -145,12 +145,10 @@ class DiskCacheTier:
         return None if found is None else Hit(key, EntryMeta.from_dict(found.meta), disk=found)
 
     async def read_body(self, hit: Hit) -> bytes:
-        assert hit.disk is not None, "a disk hit"
-        return await self.disk.read_body(hit.disk)
+        return await self.disk.read_body(_entry_of(hit))
 
     async def open_body(self, hit: Hit) -> BinaryIO:
-        assert hit.disk is not None, "a disk hit"
-        return await self.disk.open_body(hit.disk)
+        return await self.disk.open_body(_entry_of(hit))
 
     async def store(
         self,
@@ -192,6 +190,13 @@ class DiskCacheTier:
     def metas(self) -> Iterator[tuple[str, EntryMeta]]:
         for entry in self.disk.entries():
             yield entry.key, EntryMeta.from_dict(entry.meta)
+
+
+def _entry_of(hit: Hit) -> DiskEntry:
+    """The disk entry of a hit the disk tier made."""
+    if not isinstance(hit.disk, DiskEntry):
+        raise TypeError(f"{hit.key}: not a disk tier hit")
+    return hit.disk
 
 
 class NoTier:

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
 from edge.entry import EntryMeta
-
-if TYPE_CHECKING:
-    from edge.tiers.disk import DiskEntry
 
 
 class BodySizeMismatch(ValueError):
     """A body's length differed from the length it was stored with: nothing was stored."""
+
+
+class StoredFile(Protocol):
+    """A body stored as a file by a tier (the disk tier's ``DiskEntry``)."""
+
+    @property
+    def size_bytes(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,8 +34,8 @@ class Hit:
     meta: EntryMeta
     body: bytes | None = None
     """In memory (small objects)."""
-    disk: DiskEntry | None = None
-    """On disk: sendfile from here."""
+    disk: StoredFile | None = None
+    """On disk: sendfile from here (the tier that made the hit opens it)."""
 
     @property
     def size_bytes(self) -> int:
