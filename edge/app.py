@@ -22,14 +22,11 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from email.utils import format_datetime
 from pathlib import Path
 from typing import Any, BinaryIO, assert_never, cast
 
 from aiohttp import web
-from aiohttp.http import HttpVersion11, RawRequestMessage
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from cdn_config import EdgeConfig
 from common.auth import bearer_check
@@ -46,18 +43,28 @@ from edge.compression import (
     encoded_etag,
 )
 from edge.entry import ENCODING_SEP, SLICE_SEP, VARIANT_SEP, EntryMeta
-from edge.express import ExpressAppRunner, render_head
+from edge.express import ExpressAppRunner, ExpressLane
 from edge.guard import DoorLimits, Doorman
+from edge.heads import (
+    FLEET_HEADER,
+    HEALTHZ_PATH,
+    MAX_HEADER_BLOCK_BYTES,
+    METRICS_PATH,
+    NOT_IN_304,
+    READYZ_PATH,
+    header_block_bytes,
+    http_date,
+    made_from,
+)
 from edge.keys import (
     BadTarget,
     Target,
     normalise_target,
     preferred_encoding,
     primary_key,
-    secondary_key,
     upstream_accept_encoding,
 )
-from edge.memory import MemoryEntry, MemoryTier
+from edge.memory import MemoryTier
 from edge.metrics import EdgeMetrics
 from edge.policy import make_policy
 from edge.purge import (  # purge: stream consumer and operator endpoint
@@ -77,7 +84,6 @@ from edge.rfc9111 import (
     conditional_headers,
     get_one,
     request_controls,
-    reuse,
     strip_hop_by_hop,
     unsafe_invalidations,
 )
@@ -88,42 +94,9 @@ from edge.upstream import Upstream, UpstreamError, UpstreamResponse
 log = logging.getLogger(__name__)
 
 MAX_UNSAFE_BODY_BYTES = 64 * 1024 * 1024
-MAX_HEADER_BLOCK_BYTES = 32 * 1024
 REQUEST_BODY_TIMEOUT_S = 30.0
-FLEET_HEADER = "Kshipra-Edge-Key"
-"""Sent by an edge to its parent. A parent that recognises the key (derived from the purge
-token, which every edge of one fleet shares) keeps the CDN-only fields — cache tags and
-CDN-Cache-Control — in its answer, so edges behind a shield can purge by tag and use the edge
-TTLs. Anyone else gets them stripped."""
 ERROR_BODY_LIMIT_BYTES = 256 * 1024
 SENDFILE_CHUNK_BYTES = 256 * 1024
-_HTTP11 = HttpVersion11
-_EXPRESS_BLOCKERS = (
-    "Range",
-    "If-Range",
-    "If-Match",
-    "If-Unmodified-Since",
-    "Cache-Control",
-    "Pragma",
-    "Available-Dictionary",
-    FLEET_HEADER,
-    PURGE_SEEN_HEADER,
-    "Expect",
-    "Content-Length",
-    "Transfer-Encoding",
-)
-"""Request fields that ask the edge for more than a stored response's bytes: such requests
-take the full flow, never the express lane."""
-_NO_CONTROLS = RequestControls()
-HEALTHZ_PATH = "/healthz"
-READYZ_PATH = "/readyz"
-METRICS_PATH = "/metrics"
-_OWN_ROUTES = frozenset({HEALTHZ_PATH, READYZ_PATH, METRICS_PATH})
-_EPOCH = datetime.fromtimestamp(0, UTC)
-_NOT_IN_304 = frozenset({"content-type", "content-encoding", "content-range", "accept-ranges"})
-"""What deliver leaves out of a 304 (RFC 9110 §15.4.5 keeps the validators and caching
-fields)."""
-_EXPRESS_KEYS_MAX = 4096
 
 
 # ---- outcomes of a fetch, shared with collapsed waiters -----------------------------------------
@@ -158,10 +131,6 @@ class ErrorAnswer:
 
 
 Outcome = Stored | Refreshed | Passed | ErrorAnswer
-
-
-def http_date(moment: float) -> str:
-    return format_datetime(datetime.fromtimestamp(moment, UTC), usegmt=True)
 
 
 def refusal_response(refusal: stages.Refuse) -> web.Response:
@@ -310,6 +279,10 @@ class Edge:
                 policy=make_policy(config.policy, config.disk_bytes),
             )
         self.cache = TieredCache(memory, None if disk is None else DiskCacheTier(disk))
+        self.express_lane = ExpressLane(
+            memory=memory, metrics=self.metrics, host=self.host, name=config.name, clock=clock
+        )
+        """Plain fresh memory hits, answered as requests are parsed (:mod:`edge.express`)."""
         self.collapser: Collapser[Outcome] = Collapser(
             on_error=lambda exc: ErrorAnswer(
                 502, (), error_json(502, f"edge fetch failed: {exc}"), "edge"
@@ -321,8 +294,6 @@ class Edge:
         """Counts applied purge batches; a fetch that spans one stores its answer soft-purged."""
         self._hit_for_miss: dict[str, float] = {}
         self.purge_consumer: PurgeConsumer | None = None
-        self._express_keys: dict[str, str] = {}
-        self._express_codings: dict[str, str] = {}
 
     async def start(self) -> None:
         await self.upstream.start()
@@ -884,168 +855,6 @@ class Edge:
 
     # ---- the express lane (see edge/express.py) --------------------------------------------
 
-    def express(self, message: RawRequestMessage) -> tuple[bytes, ...] | None:  # noqa: C901, PLR0911, PLR0912 - the express lane's checks in request order; each return hands the request to the full flow
-        """The complete response to a request that the full flow would answer with a plain
-        fresh hit from the memory tier, or ``None``: the request goes through :meth:`handle`.
-
-        It qualifies when it is an HTTP/1.1 ``GET`` without fields asking for more than the
-        stored bytes (see :data:`_EXPRESS_BLOCKERS`), for a path outside the edge's own
-        routes, whose stored response is a fresh, whole ``200`` in memory — and, when the
-        client takes Brotli or gzip and the response is compressible, whose encoded copy was
-        already made from that very response. ``If-None-Match`` (the revalidation phones send
-        when their own copy expires) is answered here too: ``304`` or the whole ``200``. The
-        bytes are what :meth:`deliver` would send
-        (``tests/integration/test_edge_express.py`` compares the two).
-        """
-        if message.method != "GET" or message.version != _HTTP11:
-            return None
-        headers = message.headers
-        for name in _EXPRESS_BLOCKERS:
-            if name in headers:
-                return None
-        if_none_match = headers.get("If-None-Match")
-        if if_none_match is None and "If-Modified-Since" in headers:
-            return None  # (with If-None-Match, If-Modified-Since is ignored: RFC 9110 §13.2.2)
-        if header_block_bytes(message.raw_headers) > MAX_HEADER_BLOCK_BYTES:
-            return None  # the full flow answers 431
-        url_key = self._express_keys.get(message.path)
-        if url_key is None:
-            url_key = self._express_key(message.path)
-            if url_key is None:
-                return None
-        memory = self.cache.memory
-        entry = memory.peek(url_key)
-        if entry is None:
-            return None
-        marker = None
-        if entry.meta.kind == "vary":
-            marker = entry
-            entry = memory.peek(
-                url_key + VARIANT_SEP + secondary_key(entry.meta.vary, list(headers.items()))
-            )
-            if entry is None:
-                return None
-        meta = entry.meta
-        if meta.kind != "full" or meta.status != 200:
-            return None
-        freshness = meta.freshness(self.clock())
-        if reuse(freshness, _NO_CONTROLS) != "fresh":
-            return None
-        served = self._express_encoded(entry, headers) if meta.encodable else entry
-        if served is None:
-            return None  # the full flow makes (or refreshes) the encoded copy
-        not_modified = False
-        if if_none_match is not None:
-            revalidated = _express_revalidation(served.meta, if_none_match, headers)
-            if revalidated is None:
-                return None
-            not_modified = revalidated
-        head = self._express_head_of(served, not_modified=not_modified)
-        if head is None:
-            return None
-        if marker is not None:
-            memory.touch(marker.key)
-        memory.touch(entry.key)
-        if served is not entry:
-            memory.touch(served.key)
-        metrics = self.metrics
-        metrics.hits += 1
-        metrics.express_hits += 1
-        tail = f"{int(freshness.ttl_s)}\r\nAge: {int(freshness.age_s)}\r\n\r\n".encode()
-        if not_modified:
-            return head, tail
-        body = served.body
-        metrics.client_bytes += len(body)
-        return head, tail, body
-
-    def _express_encoded(
-        self, entry: MemoryEntry, headers: CIMultiDictProxy[str]
-    ) -> MemoryEntry | None:
-        """The entry to send a client that takes Brotli or gzip: the encoded copy made from
-        this very response (``None`` if there is none yet), or *entry* itself."""
-        coding = self._express_coding(headers.getall("Accept-Encoding", []))
-        if coding == "identity":
-            return entry
-        meta = entry.meta
-        encoded = self.cache.memory.peek(entry.key + ENCODING_SEP + coding)
-        if encoded is None or not _made_from(encoded.meta, meta, coding):
-            return None
-        return encoded
-
-    def _express_key(self, raw_target: str) -> str | None:
-        """The cache key of an express candidate's target, or ``None`` for a target the full
-        flow must see (the edge's own routes, a malformed target). Remembered per raw
-        target, within a bound."""
-        path = raw_target.partition("?")[0]
-        if path in _OWN_ROUTES or path.startswith("/.kshipra"):
-            return None
-        try:
-            target = normalise_target(raw_target)
-        except BadTarget:
-            return None
-        if target.path in _OWN_ROUTES or target.path.startswith("/.kshipra"):
-            return None
-        key = stages.hash_key(self.host, target)
-        keys = self._express_keys
-        if len(keys) >= _EXPRESS_KEYS_MAX:
-            keys.clear()
-        keys[raw_target] = key
-        return key
-
-    def _express_coding(self, accept_encoding: list[str]) -> str:
-        """:func:`preferred_encoding`, remembered per ``Accept-Encoding`` value (phones send
-        a handful of distinct ones)."""
-        if not accept_encoding:
-            return "identity"
-        if len(accept_encoding) != 1:
-            return preferred_encoding(accept_encoding)
-        value = accept_encoding[0]
-        codings = self._express_codings
-        coding = codings.get(value)
-        if coding is None:
-            coding = preferred_encoding(accept_encoding)
-            if len(codings) >= _EXPRESS_KEYS_MAX:
-                codings.clear()
-            codings[value] = coding
-        return coding
-
-    def _express_head_of(self, entry: MemoryEntry, *, not_modified: bool) -> bytes | None:
-        """*entry*'s rendered head (``304`` or ``200``), rendered on first use."""
-        if not_modified:
-            head = entry.express_304_head
-            if head is None:
-                head = entry.express_304_head = self._express_head(entry.meta, status=304)
-        else:
-            head = entry.express_head
-            if head is None:
-                head = entry.express_head = self._express_head(entry.meta, status=200)
-        return head
-
-    def _express_head(self, meta: EntryMeta, *, status: int) -> bytes | None:
-        """The response head :meth:`deliver` sends for a fresh hit on *meta* (``200``, or
-        ``304`` to a matching ``If-None-Match``), up to the ``ttl`` of its ``Cache-Status``."""
-        client, _edge_only, prior, has_date = meta.delivery_headers
-        fields = list(client)
-        if status == 304:
-            fields = [(k, v) for k, v in fields if k.lower() not in _NOT_IN_304]
-        if not has_date:
-            fields.append(("Date", http_date(meta.response_time)))
-        if meta.lacks_vary_accept_encoding:
-            fields.append(("Vary", "Accept-Encoding"))
-        if status == 200:
-            fields.append(("Accept-Ranges", "bytes"))
-            fields.append(("Content-Length", str(meta.body_bytes)))
-            if meta.body_bytes and get_one(client, "content-type") is None:
-                fields.append(("Content-Type", "application/octet-stream"))  # as aiohttp does
-        own = self._cache_status("hit; ttl=")
-        return render_head(
-            status_line=b"HTTP/1.1 200 OK\r\n"
-            if status == 200
-            else b"HTTP/1.1 304 Not Modified\r\n",
-            fields=fields,
-            cache_status_prefix=own if prior is None else f"{prior}, {own}",
-        )
-
     # ---- deliver -------------------------------------------------------------------------
 
     def _cache_status(self, status: str) -> str:
@@ -1084,7 +893,7 @@ class Edge:
                     headers["Content-Range"] = content_range
                 return await self._send(request, hit, headers, code, start, length)
             case stages.NotModified():
-                for name in _NOT_IN_304:
+                for name in NOT_IN_304:
                     headers.popall(name, None)
                 return web.Response(status=304, headers=headers)
             case stages.Refuse():
@@ -1262,7 +1071,7 @@ class Edge:
             and found.meta.etag == encoded_etag(meta.etag, coding)
             and found.meta.response_time >= meta.response_time
         ):
-            if _made_from(found.meta, meta, coding):
+            if made_from(found.meta, meta, coding):
                 return found, found.meta  # reuse as is
             return found, replace(
                 found.meta,
@@ -1296,34 +1105,6 @@ class Edge:
         encoded_meta = replace(meta, headers=tuple(headers), body_bytes=len(encoded), etag=new_etag)
         stored = await self.cache.store_bytes(encoded_key, encoded_meta, encoded)
         return stored, encoded_meta
-
-
-def _express_revalidation(
-    meta: EntryMeta, if_none_match: str, headers: CIMultiDictProxy[str]
-) -> bool | None:
-    """An express ``If-None-Match``: ``True`` for a 304, ``False`` for the whole 200, ``None``
-    when the full flow must answer (no stored tag, or the deliver stage wants more). The usual
-    revalidation echoes the stored tag: that is a match (RFC 9110 §13.1.2) without parsing a
-    list; anything else, the deliver stage decides."""
-    etag = meta.etag_field
-    if etag is None:
-        return None
-    if if_none_match == etag:
-        return True
-    step = stages.deliver(meta, "GET", headers)
-    if isinstance(step, stages.NotModified):
-        return True
-    return False if step == stages.Send(200, 0, meta.body_bytes) else None
-
-
-def _made_from(encoded: EntryMeta, identity: EntryMeta, coding: str) -> bool:
-    """*encoded* is the *coding* copy of this very stored *identity* response (same
-    validator, same response, same purge state): it can be sent as it is."""
-    return (
-        encoded.etag == encoded_etag(identity.etag, coding)
-        and encoded.response_time == identity.response_time
-        and encoded.soft_purged == identity.soft_purged
-    )
 
 
 def _merge_fresh(identity: EntryMeta, encoded: EntryMeta) -> tuple[tuple[str, str], ...]:
@@ -1450,11 +1231,6 @@ async def purge_handler(request: web.Request) -> web.Response:
     )
 
 
-def header_block_bytes(raw_headers: Sequence[tuple[bytes, bytes]]) -> int:
-    """The request's header block as counted against :data:`MAX_HEADER_BLOCK_BYTES`."""
-    return sum(len(name) + len(value) + 4 for name, value in raw_headers)
-
-
 async def proxy(request: web.Request) -> web.StreamResponse:
     # aiohttp limits each header line; we also limit the whole block (RFC 6585 431). Done
     # here rather than in a middleware: middlewares cost a few percent on every hit.
@@ -1484,7 +1260,7 @@ def express_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
     (:mod:`edge.express`)."""
     return ExpressAppRunner(
         app,
-        express=lambda started: started[EDGE].express,
+        express=lambda started: started[EDGE].express_lane.answer,
         doorman=lambda started: started[EDGE].doorman,
         **kwargs,
     )

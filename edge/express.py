@@ -39,11 +39,27 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http import SERVER_SOFTWARE, RawRequestMessage
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDictProxy
 
+from edge import stages
+from edge.entry import ENCODING_SEP, VARIANT_SEP, EntryMeta
 from edge.guard import Doorman
+from edge.heads import (
+    EXPRESS_BLOCKERS,
+    MAX_HEADER_BLOCK_BYTES,
+    NOT_IN_304,
+    OWN_ROUTES,
+    header_block_bytes,
+    http_date,
+    made_from,
+)
+from edge.keys import BadTarget, normalise_target, preferred_encoding, secondary_key
+from edge.memory import MemoryEntry, MemoryTier
+from edge.metrics import EdgeMetrics
+from edge.rfc9111 import RequestControls, get_one, reuse
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +223,221 @@ class ExpressAppRunner(web.AppRunner):
             doorman=doorman,
             **self._kwargs,
         )
+
+
+_KEYS_MAX = 4096
+"""Remembered raw targets and ``Accept-Encoding`` values, each (cleared when full)."""
+_NO_CONTROLS = RequestControls()
+
+
+class ExpressLane:
+    """Plain fresh memory hits, answered from the parsed request as bytes: the decisions are
+    the full flow's own (the hash stage, the rfc9111 reuse rule, the deliver stage for
+    revalidations, the header rules of :mod:`edge.heads`)."""
+
+    def __init__(
+        self,
+        *,
+        memory: MemoryTier,
+        metrics: EdgeMetrics,
+        host: str,
+        name: str,
+        clock: Callable[[], float],
+    ) -> None:
+        self.memory = memory
+        self.metrics = metrics
+        self.host = host
+        self.name = name
+        self.clock = clock
+        self._keys: dict[str, str] = {}
+        self._codings: dict[str, str] = {}
+
+    def _cache_status(self, status: str) -> str:
+        return f"{self.name}; {status}"
+
+    # The express lane's checks in request order; each return hands the request to the full
+    # flow.
+    def answer(  # noqa: C901, PLR0911, PLR0912
+        self, message: RawRequestMessage
+    ) -> tuple[bytes, ...] | None:
+        """The complete response to a request that the full flow would answer with a plain
+        fresh hit from the memory tier, or ``None``: the request goes through
+        :meth:`edge.app.Edge.handle`.
+
+        It qualifies when it is an HTTP/1.1 ``GET`` without fields asking for more than the
+        stored bytes (see :data:`EXPRESS_BLOCKERS`), for a path outside the edge's own
+        routes, whose stored response is a fresh, whole ``200`` in memory — and, when the
+        client takes Brotli or gzip and the response is compressible, whose encoded copy was
+        already made from that very response. ``If-None-Match`` (the revalidation phones send
+        when their own copy expires) is answered here too: ``304`` or the whole ``200``. The
+        bytes are what :meth:`edge.app.Edge.deliver` would send
+        (``tests/integration/test_edge_express.py`` compares the two).
+        """
+        if message.method != "GET" or message.version != HttpVersion11:
+            return None
+        headers = message.headers
+        for name in EXPRESS_BLOCKERS:
+            if name in headers:
+                return None
+        if_none_match = headers.get("If-None-Match")
+        if if_none_match is None and "If-Modified-Since" in headers:
+            return None  # (with If-None-Match, If-Modified-Since is ignored: RFC 9110 §13.2.2)
+        if header_block_bytes(message.raw_headers) > MAX_HEADER_BLOCK_BYTES:
+            return None  # the full flow answers 431
+        url_key = self._keys.get(message.path)
+        if url_key is None:
+            url_key = self._key(message.path)
+            if url_key is None:
+                return None
+        memory = self.memory
+        entry = memory.peek(url_key)
+        if entry is None:
+            return None
+        marker = None
+        if entry.meta.kind == "vary":
+            marker = entry
+            entry = memory.peek(
+                url_key + VARIANT_SEP + secondary_key(entry.meta.vary, list(headers.items()))
+            )
+            if entry is None:
+                return None
+        meta = entry.meta
+        if meta.kind != "full" or meta.status != 200:
+            return None
+        freshness = meta.freshness(self.clock())
+        if reuse(freshness, _NO_CONTROLS) != "fresh":
+            return None
+        served = self._encoded(entry, headers) if meta.encodable else entry
+        if served is None:
+            return None  # the full flow makes (or refreshes) the encoded copy
+        not_modified = False
+        if if_none_match is not None:
+            revalidated = _revalidation(served.meta, if_none_match, headers)
+            if revalidated is None:
+                return None
+            not_modified = revalidated
+        head = self._head_of(served, not_modified=not_modified)
+        if head is None:
+            return None
+        if marker is not None:
+            memory.touch(marker.key)
+        memory.touch(entry.key)
+        if served is not entry:
+            memory.touch(served.key)
+        metrics = self.metrics
+        metrics.hits += 1
+        metrics.express_hits += 1
+        tail = f"{int(freshness.ttl_s)}\r\nAge: {int(freshness.age_s)}\r\n\r\n".encode()
+        if not_modified:
+            return head, tail
+        body = served.body
+        metrics.client_bytes += len(body)
+        return head, tail, body
+
+    def _encoded(self, entry: MemoryEntry, headers: CIMultiDictProxy[str]) -> MemoryEntry | None:
+        """The entry to send a client that takes Brotli or gzip: the encoded copy made from
+        this very response (``None`` if there is none yet), or *entry* itself."""
+        coding = self._coding(headers.getall("Accept-Encoding", []))
+        if coding == "identity":
+            return entry
+        meta = entry.meta
+        encoded = self.memory.peek(entry.key + ENCODING_SEP + coding)
+        if encoded is None or not made_from(encoded.meta, meta, coding):
+            return None
+        return encoded
+
+    def _key(self, raw_target: str) -> str | None:
+        """The cache key of an express candidate's target, or ``None`` for a target the full
+        flow must see (the edge's own routes, a malformed target). Remembered per raw
+        target, within a bound."""
+        path = raw_target.partition("?")[0]
+        if path in OWN_ROUTES or path.startswith("/.kshipra"):
+            return None
+        try:
+            target = normalise_target(raw_target)
+        except BadTarget:
+            return None
+        if target.path in OWN_ROUTES or target.path.startswith("/.kshipra"):
+            return None
+        key = stages.hash_key(self.host, target)
+        keys = self._keys
+        if len(keys) >= _KEYS_MAX:
+            keys.clear()
+        keys[raw_target] = key
+        return key
+
+    def _coding(self, accept_encoding: list[str]) -> str:
+        """:func:`preferred_encoding`, remembered per ``Accept-Encoding`` value (phones send
+        a handful of distinct ones)."""
+        if not accept_encoding:
+            return "identity"
+        if len(accept_encoding) != 1:
+            return preferred_encoding(accept_encoding)
+        value = accept_encoding[0]
+        codings = self._codings
+        coding = codings.get(value)
+        if coding is None:
+            coding = preferred_encoding(accept_encoding)
+            if len(codings) >= _KEYS_MAX:
+                codings.clear()
+            codings[value] = coding
+        return coding
+
+    def _head_of(self, entry: MemoryEntry, *, not_modified: bool) -> bytes | None:
+        """*entry*'s rendered head (``304`` or ``200``), rendered on first use."""
+        if not_modified:
+            head = entry.express_304_head
+            if head is None:
+                head = entry.express_304_head = self._head(entry.meta, status=304)
+        else:
+            head = entry.express_head
+            if head is None:
+                head = entry.express_head = self._head(entry.meta, status=200)
+        return head
+
+    def _head(self, meta: EntryMeta, *, status: int) -> bytes | None:
+        """The response head :meth:`edge.app.Edge.deliver` sends for a fresh hit on *meta*
+        (``200``, or ``304`` to a matching ``If-None-Match``), up to the ``ttl`` of its
+        ``Cache-Status``."""
+        client, _edge_only, prior, has_date = meta.delivery_headers
+        fields = list(client)
+        if status == 304:
+            fields = [(k, v) for k, v in fields if k.lower() not in NOT_IN_304]
+        if not has_date:
+            fields.append(("Date", http_date(meta.response_time)))
+        if meta.lacks_vary_accept_encoding:
+            fields.append(("Vary", "Accept-Encoding"))
+        if status == 200:
+            fields.append(("Accept-Ranges", "bytes"))
+            fields.append(("Content-Length", str(meta.body_bytes)))
+            if meta.body_bytes and get_one(client, "content-type") is None:
+                fields.append(("Content-Type", "application/octet-stream"))  # as aiohttp does
+        own = self._cache_status("hit; ttl=")
+        return render_head(
+            status_line=b"HTTP/1.1 200 OK\r\n"
+            if status == 200
+            else b"HTTP/1.1 304 Not Modified\r\n",
+            fields=fields,
+            cache_status_prefix=own if prior is None else f"{prior}, {own}",
+        )
+
+
+def _revalidation(
+    meta: EntryMeta, if_none_match: str, headers: CIMultiDictProxy[str]
+) -> bool | None:
+    """An express ``If-None-Match``: ``True`` for a 304, ``False`` for the whole 200, ``None``
+    when the full flow must answer (no stored tag, or the deliver stage wants more). The usual
+    revalidation echoes the stored tag: that is a match (RFC 9110 §13.1.2) without parsing a
+    list; anything else, the deliver stage decides."""
+    etag = meta.etag_field
+    if etag is None:
+        return None
+    if if_none_match == etag:
+        return True
+    step = stages.deliver(meta, "GET", headers)
+    if isinstance(step, stages.NotModified):
+        return True
+    return False if step == stages.Send(200, 0, meta.body_bytes) else None
 
 
 def render_head(
