@@ -387,7 +387,7 @@ class Edge:
             request.raw_path,
             self.config.proxy_prefixes,
         )
-        if isinstance(step, stages.Refuse) and step.status != 405:
+        if isinstance(step, stages.Refuse):
             return refusal_response(step)  # before admission: costs nothing upstream
         transport = request.transport
         refusal = await self.admission.admit(
@@ -404,8 +404,6 @@ class Edge:
                     return await self.cacheable(request, target)
                 case stages.PassUnsafe(target):
                     return await self.pass_unsafe(request, target)
-                case stages.Refuse():
-                    return refusal_response(step)
                 case _:
                     assert_never(step)
         finally:
