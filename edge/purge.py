@@ -65,11 +65,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
-from aiohttp import web
 from redis.exceptions import RedisError
 
 from common.auth import bearer_check
-from common.errors import error_body
 from common.wire import (
     ACK_PREFIX,
     ACK_TTL_S,
@@ -82,6 +80,7 @@ from common.wire import (
 )
 from edge.cache import TieredCache
 from edge.keys import BadTarget, normalise_target, primary_key
+from edge.transport import Answer, error_answer, json_answer
 
 log = logging.getLogger(__name__)
 
@@ -302,43 +301,58 @@ async def apply_purges(cache: TieredCache, host: str, purges: Sequence[Purge]) -
 # ---- the operator endpoint ----------------------------------------------------------------
 
 
-def _error(status: int, message: str, **headers: str) -> web.Response:
-    return web.json_response(error_body(status, message), status=status, headers=headers)
+def _unauthorised(authorization: str | None, token: str | None) -> Answer | None:
+    if token is None:
+        return error_answer(404, "purging is disabled on this edge: no purge token is configured")
+    checked = bearer_check(authorization, token)
+    if checked == "missing":
+        return error_answer(401, "a bearer token is required", **{"WWW-Authenticate": "Bearer"})
+    if checked == "wrong":
+        return error_answer(403, "the purge token is not valid")
+    return None
+
+
+PURGE_BODY_LIMIT_BYTES = 8 * 1024 * 1024
+"""An operator's purge request: thousands of URLs or tags fit in far less."""
 
 
 async def purge_endpoint(
-    request: web.Request,
+    authorization: str | None,
+    read_body: Callable[[int], Awaitable[bytes | None]],
     *,
     token: str | None,
     apply: Callable[[Sequence[Purge]], Awaitable[Applied]],
     clock: Callable[[], float] = time.time,
-) -> web.Response:
+) -> Answer:
     """``POST /.kshipra/purge`` with ``Authorization: Bearer <KSHIPRA_PURGE_TOKEN>``: purge
-    this edge now. Answers ``{"purges": n, "removed": n, "marked": n, "affected": n}``."""
-    if token is None:
-        return _error(404, "purging is disabled on this edge: no purge token is configured")
-    checked = bearer_check(request.headers.get("Authorization"), token)
-    if checked == "missing":
-        return _error(401, "a bearer token is required", **{"WWW-Authenticate": "Bearer"})
-    if checked == "wrong":
-        return _error(403, "the purge token is not valid")
+    this edge now. Answers ``{"purges": n, "removed": n, "marked": n, "affected": n}``.
+    *read_body* reads the request body up to a limit (``None``: it is larger)."""
+    refusal = _unauthorised(authorization, token)
+    if refusal is not None:
+        return refusal
+    body = await read_body(PURGE_BODY_LIMIT_BYTES)
+    if body is None:
+        return error_answer(413, f"a purge request is limited to {PURGE_BODY_LIMIT_BYTES} bytes")
     try:
-        document = json.loads(await request.read())
+        document = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        return _error(400, "the body must be JSON")
+        return error_answer(400, "the body must be JSON")
     now = clock()
     try:
         purges = purges_from_request(document, id_prefix=f"local-{now:.6f}", now=now)
         applied = await apply(purges)
     except BadPurge as exc:
-        return _error(400, str(exc))
-    return web.json_response(
-        {
-            "purges": len(purges),
-            "removed": applied.removed,
-            "marked": applied.marked,
-            "affected": applied.affected,
-        }
+        return error_answer(400, str(exc))
+    return json_answer(
+        200,
+        json.dumps(
+            {
+                "purges": len(purges),
+                "removed": applied.removed,
+                "marked": applied.marked,
+                "affected": applied.affected,
+            }
+        ).encode(),
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,7 +46,7 @@ class UpstreamResponse:
     _response: aiohttp.ClientResponse
     _on_bytes: Callable[[int], None] | None = None
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         try:
             async for chunk in self._response.content.iter_chunked(READ_CHUNK_BYTES):
                 if self._on_bytes is not None:

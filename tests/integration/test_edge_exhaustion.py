@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-import edge.app as edge_app
+import edge.flow as edge_flow
 from edge.app import EDGE
 from tests.edge_fixtures import ScriptedOrigin, body_of
 
@@ -311,7 +311,7 @@ async def test_a_request_body_is_streamed_upstream_not_buffered(
 async def test_a_chunked_body_over_the_limit_is_refused(
     upstream: Upstream, make_edge: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(edge_app, "MAX_UNSAFE_BODY_BYTES", 1024 * 1024)
+    monkeypatch.setattr(edge_flow, "MAX_UNSAFE_BODY_BYTES", 1024 * 1024)
     origin, _ = upstream
     origin.script("/upload", headers={"Cache-Control": "no-store"}, body=b"ok")
     edge = await make_edge()
@@ -328,7 +328,7 @@ async def test_a_chunked_body_over_the_limit_is_refused(
 async def test_a_stalled_request_body_gets_408(
     upstream: Upstream, make_edge: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(edge_app, "REQUEST_BODY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(edge_flow, "REQUEST_BODY_TIMEOUT_S", 0.3)
     origin, _ = upstream
     origin.script("/upload", headers={"Cache-Control": "no-store"}, body=b"ok")
     edge = await make_edge()
